@@ -1,0 +1,1 @@
+"""kinetix: deep learning with a two-tissue kinetic model for dynamic FDG PET (JAX)."""

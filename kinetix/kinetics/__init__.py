@@ -1,0 +1,52 @@
+"""kinetix.kinetics: the exact, differentiable kinetics core (pure JAX, no Flax, no I/O).
+
+Time in minutes, rates in 1/min, arrays time-last. Everything here is safe under `jax.jit`,
+`jax.grad` and `jax.vmap`. See shared/design/ARCHITECTURE.md for the public contract:
+
+    import kinetix.kinetics as kk
+    sched = kk.PAPER_SCHEDULE
+    frames = kk.pet_frames(params, kk.FengInput(kk.FENG_FDG), sched)   # [..., 28]
+    ki, v0 = kk.patlak(frames, kk.FengInput(kk.FENG_FDG), sched, t_star=9.0)
+"""
+
+from kinetix.kinetics.compartment import (
+    PARAM_NAMES,
+    blood_frames,
+    eigen_decomposition,
+    ki_from_rates,
+    pet_frames,
+    tissue_curve,
+)
+from kinetix.kinetics.frames import (
+    F18_DECAY_CONSTANT,
+    F18_HALF_LIFE_MIN,
+    N_EARLY_FRAMES,
+    PAPER_SCHEDULE,
+    FrameSchedule,
+    decay_correction_factors,
+)
+from kinetix.kinetics.input_function import FENG_FDG, FengInput, FengParams, SampledInput
+from kinetix.kinetics.patlak import METHODS, fit_line, patlak, patlak_x
+
+__all__ = [
+    "F18_DECAY_CONSTANT",
+    "F18_HALF_LIFE_MIN",
+    "FENG_FDG",
+    "METHODS",
+    "N_EARLY_FRAMES",
+    "PAPER_SCHEDULE",
+    "PARAM_NAMES",
+    "FengInput",
+    "FengParams",
+    "FrameSchedule",
+    "SampledInput",
+    "blood_frames",
+    "decay_correction_factors",
+    "eigen_decomposition",
+    "fit_line",
+    "ki_from_rates",
+    "patlak",
+    "patlak_x",
+    "pet_frames",
+    "tissue_curve",
+]

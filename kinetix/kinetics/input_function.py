@@ -1,0 +1,249 @@
+"""Plasma (and whole-blood) input functions with exact values, integrals and convolutions.
+
+Two representations, both JAX pytrees (so a batch of subjects carries a batch of inputs that
+`jax.vmap` maps together with the parameters):
+
+- `FengInput`: Feng et al. 1993 model 2 (a sum of e^{λ s} and s·e^{λ s} terms, s = t − τ).
+  Every quantity is a closed form: O(1) per time point, no time grid.
+- `SampledInput`: piecewise linear through samples, 0 before the first sample and held at the
+  last value after the last one. Convolutions use the exact recursion over samples
+  (O(samples) per voxel), not a fine grid.
+
+Both expose `__call__(t)`, `integral(t)` and `conv(beta, t, decay_constant)`, the decay-weighted
+convolution with e^{−β t} and its running time integral that `kinetix.kinetics.compartment` turns
+into frames. Time in minutes; values in whatever activity unit the caller uses (SUV in kinetix).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kinetix.kinetics.expconv import kernels
+
+
+class FengParams(NamedTuple):
+    """Feng 1993 model 2: Cp(t) = (A1·s − A2 − A3)e^{λ1 s} + A2 e^{λ2 s} + A3 e^{λ3 s}, s = t − τ.
+
+    A1 in activity/min, A2 and A3 in activity, λ1..λ3 in 1/min (negative), τ (delay) in min.
+    """
+
+    A1: float
+    A2: float
+    A3: float
+    lambda1: float
+    lambda2: float
+    lambda3: float
+    tau: float
+
+
+FENG_FDG = FengParams(
+    A1=851.1225,
+    A2=21.8798,
+    A3=20.8113,
+    lambda1=-4.1339,
+    lambda2=-0.1191,
+    lambda3=-0.0104,
+    tau=0.7340,
+)
+"""Feng's FDG input as in shared/reference/KINETICS.md and the TPCCLIB fixture (µCi/mL, min).
+Cp(τ) = 0; peak ≈ 103.4 at s ≈ 0.29 min. A2 pairs with λ2 and A3 with λ3."""
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _lift(x, ndim):
+    """Prepend unit axes so `x` has rank `ndim` (explicit broadcasting, rank-promotion safe)."""
+    return jnp.reshape(x, (1,) * (ndim - jnp.ndim(x)) + jnp.shape(x))
+
+
+def _flat_time(t):
+    t = jnp.asarray(t)
+    return t.reshape(-1), t.shape
+
+
+@jax.tree_util.register_pytree_node_class
+class FengInput:
+    """Feng model-2 plasma input (see `FengParams`). `params`: FengParams or array [..., 7]."""
+
+    def __init__(self, params=FENG_FDG):
+        if isinstance(params, FengParams):
+            params = np.asarray(params, dtype=np.float64)
+        if _is_concrete(params):
+            arr = np.asarray(params)
+            if arr.shape[-1:] != (7,):
+                raise ValueError(f"FengInput params must have last axis 7, got shape {arr.shape}.")
+            rates = arr[..., 3:6]
+            if np.any(rates >= 0):
+                raise ValueError("FengInput rates lambda1..lambda3 must be negative (1/min).")
+            if np.any(arr[..., 6] < 0):
+                raise ValueError("FengInput delay tau must be >= 0 min.")
+        self.params = params
+
+    def tree_flatten(self):
+        return (self.params,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.params = children[0]
+        return obj
+
+    def __repr__(self):
+        return f"FengInput(params={self.params!r})"
+
+    def _terms(self):
+        """(a [3], b [3], μ [3], τ): Cp = Σ (a_j + b_j s) e^{μ_j s}."""
+        p = jnp.asarray(self.params)
+        p = p.astype(jnp.result_type(p.dtype, jnp.float32))
+        a1, a2, a3, l1, l2, l3, tau = (p[..., i] for i in range(7))
+        a = jnp.stack([-a2 - a3, a2, a3], axis=-1)
+        b = jnp.stack([a1, jnp.zeros_like(a1), jnp.zeros_like(a1)], axis=-1)
+        mu = jnp.stack([l1, l2, l3], axis=-1)
+        return a, b, mu, tau
+
+    def __call__(self, t):
+        """Cp(t) for t (min) of any shape; 0 for t ≤ τ."""
+        a, b, mu, tau = self._terms()
+        t = jnp.asarray(t, a.dtype)
+        s = jnp.maximum(t - tau, 0.0)[..., None]
+        a, b, mu = (_lift(v, s.ndim) for v in (a, b, mu))
+        val = jnp.sum((a + b * s) * jnp.exp(mu * s), axis=-1)
+        return jnp.where(t > tau, val, 0.0)
+
+    def integral(self, t):
+        """∫0^t Cp(u) du for t (min) of any shape."""
+        y, _ = self.conv(0.0, t, 0.0)
+        return y
+
+    def conv(self, beta, t, decay_constant=0.0):
+        """Decay-weighted convolution with e^{−β t} and its running integral.
+
+        With g(u) = Cp(u)·e^{−λ u}:  Y(t) = (g ⊗ e^{−β·})(t) and I(t) = ∫0^t Y.
+
+        Args:
+          beta: rates β ≥ 0 (1/min), any shape B.
+          t: times (min), any shape S.
+          decay_constant: λ ≥ 0 (1/min), a Python float.
+
+        Returns:
+          (Y, I), each of shape B + S.
+        """
+        a, b, mu, tau = self._terms()
+        beta = jnp.asarray(beta, a.dtype)
+        tf, tshape = _flat_time(jnp.asarray(t, a.dtype))
+        lam = decay_constant
+        s = jnp.maximum(tf - tau, 0.0)  # [N]
+        # e^{μ s} terms for all three exponents; the s·e^{μ s} term exists only for λ1.
+        k = kernels(mu - lam, beta[..., None, None], s[:, None], order=0)  # B + [N, 3]
+        k1 = kernels(mu[..., :1] - lam, beta[..., None, None], s[:, None], order=1)  # B + [N, 1]
+        nd = k["Y0"].ndim
+        a, b = _lift(a, nd), _lift(b[..., :1], nd)
+        y = jnp.sum(a * k["Y0"], axis=-1) + (b * k1["Y1"])[..., 0]
+        i = jnp.sum(a * k["I0"], axis=-1) + (b * k1["I1"])[..., 0]
+        scale = jnp.exp(-lam * tau)
+        shape = beta.shape + tshape
+        return (scale * y).reshape(shape), (scale * i).reshape(shape)
+
+
+@jax.tree_util.register_pytree_node_class
+class SampledInput:
+    """Piecewise-linear input through (times [K] min, values [K]); 0 before the first sample,
+    held at the last value after the last sample.
+    """
+
+    def __init__(self, times, values):
+        if _is_concrete(times) and _is_concrete(values):
+            t = np.asarray(times, dtype=np.float64)
+            v = np.asarray(values, dtype=np.float64)
+            if t.ndim != 1 or v.ndim != 1:
+                raise ValueError(
+                    f"SampledInput times and values must be 1-D, got {t.shape} and {v.shape}."
+                )
+            if t.size != v.size:
+                raise ValueError(
+                    f"SampledInput has {t.size} times but {v.size} values; they must match."
+                )
+            if t.size < 2:
+                raise ValueError("SampledInput needs at least 2 samples.")
+            if not (np.all(np.isfinite(t)) and np.all(np.isfinite(v))):
+                raise ValueError("SampledInput times and values must be finite.")
+            if np.any(np.diff(t) <= 0):
+                raise ValueError("SampledInput times must be strictly increasing.")
+            if t[0] < 0:
+                raise ValueError("SampledInput times must be >= 0 min (time zero = injection).")
+        self.times = times
+        self.values = values
+
+    def tree_flatten(self):
+        return (self.times, self.values), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.times, obj.values = children
+        return obj
+
+    def __repr__(self):
+        return f"SampledInput(n={jnp.shape(self.times)[-1]})"
+
+    def _arrays(self):
+        dtype = jnp.result_type(jnp.asarray(self.values).dtype, jnp.float32)
+        return jnp.asarray(self.times, dtype), jnp.asarray(self.values, dtype)
+
+    def __call__(self, t):
+        """Cp(t): linear interpolation, 0 before the first sample, last value after the last."""
+        tk, vk = self._arrays()
+        t = jnp.asarray(t, tk.dtype)
+        return jnp.where(t < tk[0], 0.0, jnp.interp(t, tk, vk))
+
+    def integral(self, t):
+        """∫0^t Cp(u) du (exact for the piecewise-linear curve)."""
+        y, _ = self.conv(0.0, t, 0.0)
+        return y
+
+    def conv(self, beta, t, decay_constant=0.0):
+        """As `FengInput.conv`, by the exact recursion over the samples (O(K) per rate)."""
+        tk, vk = self._arrays()
+        beta = jnp.asarray(beta, tk.dtype)
+        tf, tshape = _flat_time(jnp.asarray(t, tk.dtype))
+        lam = decay_constant
+        n_k = tk.shape[0]
+
+        h = tk[1:] - tk[:-1]  # [K-1]
+        slope = (vk[1:] - vk[:-1]) / h
+        weight = jnp.exp(-lam * tk)  # e^{-λ t_k}: decay at each segment start
+
+        def step(carry, seg):
+            y, i = carry
+            h_k, p_k, q_k, w_k = seg
+            k = kernels(-lam, beta, h_k, recursion=True)
+            y_next = k["D"] * y + w_k * (p_k * k["Y0"] + q_k * k["Y1"])
+            i_next = i + y * k["H0"] + w_k * (p_k * k["I0"] + q_k * k["I1"])
+            return (y_next, i_next), (y, i)
+
+        zero = jnp.zeros_like(beta)
+        (y_last, i_last), (ys, is_) = jax.lax.scan(
+            step, (zero, zero), (h, vk[:-1], slope, weight[:-1])
+        )
+        y_knots = jnp.concatenate([ys, y_last[None]], axis=0)  # [K] + B
+        i_knots = jnp.concatenate([is_, i_last[None]], axis=0)
+
+        idx = jnp.clip(jnp.searchsorted(tk, tf, side="right") - 1, 0, n_k - 1)  # [N]
+        u = jnp.maximum(tf - tk[idx], 0.0)
+        q_t = jnp.concatenate([slope, jnp.zeros((1,), slope.dtype)])[idx]  # 0 after the last
+        k = kernels(-lam, beta[..., None], u, recursion=True)  # B + [N]
+        nd = k["Y0"].ndim
+        p_t, q_t, w_t = (_lift(v, nd) for v in (vk[idx], q_t, weight[idx]))
+        y0 = jnp.moveaxis(y_knots[idx], 0, -1)  # B + [N]
+        i0 = jnp.moveaxis(i_knots[idx], 0, -1)
+        y = k["D"] * y0 + w_t * (p_t * k["Y0"] + q_t * k["Y1"])
+        i = i0 + y0 * k["H0"] + w_t * (p_t * k["I0"] + q_t * k["I1"])
+        before = _lift(tf < tk[0], nd)
+        y = jnp.where(before, 0.0, y)
+        i = jnp.where(before, 0.0, i)
+        shape = beta.shape + tshape
+        return y.reshape(shape), i.reshape(shape)

@@ -1,0 +1,394 @@
+"""Numerics of kinetix.kinetics against independent references.
+
+References: scipy `solve_ivp` (DOP853, rtol 1e-12) of the 2TCM ODE with a decay-weighted frame
+integral as an extra state; scipy `quad`; the analytic values in shared/reference/KINETICS.md;
+and the TPCCLIB fixture in shared/reference/tpcclib-case/ (see test_tpcclib.py).
+"""
+
+import itertools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from scipy.integrate import quad, solve_ivp
+
+import kinetix.kinetics as kk
+
+TPC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "tpcclib-case"
+LAM = kk.F18_DECAY_CONSTANT
+pet_frames = jax.jit(kk.pet_frames, static_argnames=("schedule", "decay_constant"))
+ROUNDED_FENG = kk.FengParams(851.1, 21.88, 20.81, -4.134, -0.1191, -0.01043, 0.735)
+HUANG_GM = [0.0, 0.102, 0.130, 0.062, 0.0068]
+
+# Rate sets (fv, K1, k2, k3, k4) covering the parameter box and its edges.
+RATE_SETS = [
+    HUANG_GM,
+    [0.05, 0.1, 0.15, 0.05, 0.0],  # irreversible (k4 = 0)
+    [0.1, 0.1, 0.15, 0.0, 0.02],  # k3 = 0
+    [0.0, 0.3, 0.2, 0.0, 0.2],  # k3 = 0 and k2 = k4: equal eigenvalues
+    [0.2, 0.3, 0.2, 1e-9, 0.2],  # nearly equal eigenvalues
+    [0.3, 1.256, 1.329, 0.020, 0.0],  # liver-like
+    [0.545, 0.196, 1.022, 0.149, 0.0],  # myocardium-like
+    [0.0, 2.0, 3.0, 1.0, 0.2],  # upper bounds
+    [0.0, 0.5, 0.0, 0.0, 0.0],  # trapping only (k2 = k3 = k4 = 0)
+    [1.0, 0.0, 0.0, 0.0, 0.0],  # pure blood
+    [0.02, 0.05, 1e-6, 0.3, 1e-7],  # tiny rates
+    [0.0, 0.131, 0.199, 0.344, 0.01],  # muscle with k4
+]
+
+
+def feng_np(p, t):
+    a1, a2, a3, l1, l2, l3, tau = p
+    s = np.maximum(t - tau, 0.0)
+    val = (a1 * s - a2 - a3) * np.exp(l1 * s) + a2 * np.exp(l2 * s) + a3 * np.exp(l3 * s)
+    return np.where(t > tau, val, 0.0)
+
+
+def ode_frames(rates, cp, cb, schedule, lam, breaks=()):
+    """Frame values and end-of-frame tissue curve by a tight ODE solve (float64 reference)."""
+    fv, k1, k2, k3, k4 = rates
+
+    def rhs(t, y):
+        c1, c2, _ = y
+        cpt = cp(t)
+        dc1 = k1 * cpt - (k2 + k3) * c1 + k4 * c2
+        dc2 = k3 * c1 - k4 * c2
+        pet = (1 - fv) * (c1 + c2) + fv * cb(t)
+        return [dc1, dc2, pet * np.exp(-lam * t)]
+
+    knots = np.unique(np.concatenate([[0.0], schedule.start, schedule.end, np.asarray(breaks)]))
+    knots = knots[knots <= schedule.end[-1]]
+    y = np.zeros(3)
+    integ = {0.0: 0.0}
+    for t0, t1 in itertools.pairwise(knots):
+        sol = solve_ivp(rhs, (t0, t1), y, method="DOP853", rtol=1e-12, atol=1e-14)
+        y = sol.y[:, -1]
+        integ[t1] = y[2]
+    f = kk.decay_correction_factors(schedule, lam)
+    vals = np.array(
+        [integ[e] - integ[s] for s, e in zip(schedule.start, schedule.end, strict=True)]
+    )
+    return f / schedule.duration * vals
+
+
+@pytest.mark.parametrize("lam", [0.0, LAM])
+def test_pet_frames_match_ode_float64(x64, lam):
+    inp = kk.FengInput(ROUNDED_FENG)
+    sched = kk.PAPER_SCHEDULE
+    cp = lambda t: feng_np(ROUNDED_FENG, t)
+    params = jnp.asarray(RATE_SETS, jnp.float64)
+    got = np.asarray(pet_frames(params, inp, schedule=sched, decay_constant=lam))
+    for rates, row in zip(RATE_SETS, got, strict=True):
+        ref = ode_frames(rates, cp, cp, sched, lam, breaks=[ROUNDED_FENG.tau])
+        scale = np.max(np.abs(ref))
+        np.testing.assert_allclose(row, ref, rtol=1e-6, atol=1e-9 * scale, err_msg=str(rates))
+
+
+def test_pet_frames_match_ode_float32():
+    inp = kk.FengInput(ROUNDED_FENG)
+    sched = kk.PAPER_SCHEDULE
+    cp = lambda t: feng_np(ROUNDED_FENG, t)
+    got = np.asarray(pet_frames(jnp.asarray(RATE_SETS, jnp.float32), inp, schedule=sched))
+    assert got.dtype == np.float32
+    for rates, row in zip(RATE_SETS, got, strict=True):
+        ref = ode_frames(rates, cp, cp, sched, LAM, breaks=[ROUNDED_FENG.tau])
+        scale = np.max(np.abs(ref))
+        np.testing.assert_allclose(row, ref, rtol=1e-4, atol=1e-6 * scale, err_msg=str(rates))
+
+
+def test_sampled_input_frames_match_ode(x64):
+    """Exact recursion over a coarse, nonuniform sampled input, with a separate blood curve."""
+    times = np.concatenate([[0.5, 0.7, 0.9, 1.2, 1.6, 2.5, 4.0], np.linspace(6, 70, 17)])
+    values = feng_np(kk.FENG_FDG, times + 0.2)
+    blood_vals = values / (0.386 * np.exp(-0.191 * times) + 1.165)
+    inp = kk.SampledInput(times, values)
+    blood = kk.SampledInput(times, blood_vals)
+    cp = lambda t: 0.0 if t < times[0] else np.interp(t, times, values)
+    cb = lambda t: 0.0 if t < times[0] else np.interp(t, times, blood_vals)
+    sched = kk.PAPER_SCHEDULE
+    params = jnp.asarray(RATE_SETS, jnp.float64)
+    got = np.asarray(pet_frames(params, inp, schedule=sched, decay_constant=LAM, blood=blood))
+    for rates, row in zip(RATE_SETS, got, strict=True):
+        ref = ode_frames(rates, cp, cb, sched, LAM, breaks=times)
+        scale = np.max(np.abs(ref))
+        np.testing.assert_allclose(row, ref, rtol=1e-6, atol=1e-9 * scale, err_msg=str(rates))
+
+
+def test_tissue_curve_matches_ode(x64):
+    inp = kk.FengInput(ROUNDED_FENG)
+    t = np.array([0.5, 0.9, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 64.0])
+    got = np.asarray(kk.tissue_curve(jnp.asarray(RATE_SETS), inp, t))
+    for rates, row in zip(RATE_SETS, got, strict=True):
+        fv, k1, k2, k3, k4 = rates
+        cp = lambda tt: feng_np(ROUNDED_FENG, tt)
+        rhs = lambda tt, y: [k1 * cp(tt) - (k2 + k3) * y[0] + k4 * y[1], k3 * y[0] - k4 * y[1]]
+        ref = []
+        for ti in t:
+            sol = solve_ivp(
+                rhs,
+                (ROUNDED_FENG.tau, max(ti, ROUNDED_FENG.tau)),
+                [0, 0],
+                method="DOP853",
+                rtol=1e-12,
+                atol=1e-14,
+            )
+            ref.append((1 - fv) * sol.y[:, -1].sum() + fv * cp(ti))
+        ref = np.array(ref)
+        np.testing.assert_allclose(row, ref, rtol=1e-6, atol=1e-9 * np.max(ref), err_msg=str(rates))
+
+
+def test_kinetics_md_analytic_values(x64):
+    """Values printed in shared/reference/KINETICS.md (6 significant digits)."""
+    inp = kk.FengInput(ROUNDED_FENG)
+    t = jnp.array([1.0, 2, 5, 10, 30, 60])
+    ct = jax.jit(kk.tissue_curve)(jnp.asarray(HUANG_GM), inp, t)
+    np.testing.assert_allclose(
+        ct, [1.93726, 8.39165, 15.3178, 21.0915, 29.8355, 37.6805], rtol=5e-6
+    )
+    np.testing.assert_allclose(
+        inp(t), [103.093, 44.8951, 33.0703, 26.1512, 16.0063, 11.2344], rtol=5e-6
+    )
+    frame = kk.FrameSchedule([50.0], [60.0])
+    p = jnp.asarray(HUANG_GM)
+    np.testing.assert_allclose(pet_frames(p, inp, schedule=frame), [36.6396], rtol=3e-6)
+    np.testing.assert_allclose(
+        pet_frames(p, inp, schedule=frame, decay_constant=0.0), [36.6509], rtol=3e-6
+    )
+    np.testing.assert_allclose(kk.tissue_curve(p, inp, jnp.array([55.0])), [36.6705], rtol=3e-6)
+
+
+def test_feng_pairing_pinned(x64):
+    """A2 pairs with λ2 and A3 with λ3: Cp(τ) = 0, peak ≈ 103.4 at s ≈ 0.29 min, late values."""
+    inp = kk.FengInput(kk.FENG_FDG)
+    tau = kk.FENG_FDG.tau
+    assert float(inp(jnp.asarray(tau))) == 0.0
+    s = np.linspace(0.2, 0.4, 2001)
+    vals = np.asarray(inp(jnp.asarray(tau + s)))
+    assert abs(vals.max() - 103.4) < 0.1
+    assert abs(s[vals.argmax()] - 0.29) < 0.01
+    swapped = kk.FENG_FDG._replace(lambda2=kk.FENG_FDG.lambda3, lambda3=kk.FENG_FDG.lambda2)
+    late = np.asarray(inp(jnp.asarray([60.0])))
+    np.testing.assert_allclose(late, feng_np(kk.FENG_FDG, np.array([60.0])), rtol=1e-12)
+    assert abs(late[0] - feng_np(swapped, np.array([60.0]))[0]) > 0.3  # a swap would show
+    # TPCCLIB's own sampling of the same input (plasma_fine.bld), to 1e-9.
+    fine = np.loadtxt(TPC / "plasma_fine.bld", skiprows=1)[::50]
+    np.testing.assert_allclose(inp(jnp.asarray(fine[:, 0])), fine[:, 1], rtol=1e-9, atol=1e-9)
+
+
+def test_input_integrals(x64):
+    inp = kk.FengInput(kk.FENG_FDG)
+    for t in [0.5, 0.9, 1.3, 7.0, 35.0, 65.0]:
+        ref = quad(
+            lambda u: feng_np(kk.FENG_FDG, u),
+            0,
+            t,
+            points=[kk.FENG_FDG.tau],
+            limit=200,
+            epsabs=1e-13,
+            epsrel=1e-13,
+        )[0]
+        np.testing.assert_allclose(inp.integral(jnp.asarray(t)), ref, rtol=1e-10, atol=1e-12)
+    times = np.array([1.0, 1.5, 3.0, 10.0, 40.0])
+    values = np.array([5.0, 20.0, 8.0, 3.0, 1.0])
+    sinp = kk.SampledInput(times, values)
+    query = np.array([0.0, 0.9, 1.0, 1.2, 2.0, 10.0, 39.0, 50.0])
+    ref = []
+    for t in query:
+        grid = np.union1d(times[times <= t], [t]) if t >= times[0] else np.array([t])
+        v = np.where(grid < times[0], 0.0, np.interp(grid, times, values))
+        ref.append(np.trapezoid(v, grid) if grid.size > 1 else 0.0)
+    np.testing.assert_allclose(sinp.integral(jnp.asarray(query)), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sinp(jnp.asarray([0.5, 1.25, 50.0])), [0.0, 12.5, 1.0])
+
+
+@pytest.mark.parametrize("lam", [0.0, LAM])
+def test_constant_activity_returns_constant(x64, lam):
+    const = kk.SampledInput(np.array([0.0, 100.0]), np.array([7.5, 7.5]))
+    params = jnp.asarray([[1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.3, 0.2, 0.1, 0.0]])
+    got = pet_frames(params, const, schedule=kk.PAPER_SCHEDULE, decay_constant=lam)
+    np.testing.assert_allclose(got, 7.5, rtol=1e-12)
+    const32 = kk.SampledInput(np.array([0.0, 100.0], np.float32), np.array([7.5, 7.5], np.float32))
+    got32 = pet_frames(
+        params.astype(jnp.float32), const32, schedule=kk.PAPER_SCHEDULE, decay_constant=lam
+    )
+    np.testing.assert_allclose(got32, 7.5, rtol=2e-6)
+
+
+def test_decay_factor_formula():
+    sched = kk.FrameSchedule([10.0, 50.0], [12.0, 60.0])
+    f = sched.decay_factors(LAM)
+    ref = LAM * sched.duration * np.exp(LAM * sched.start) / (1 - np.exp(-LAM * sched.duration))
+    np.testing.assert_allclose(f, ref, rtol=1e-14)
+    np.testing.assert_array_equal(sched.decay_factors(0.0), [1.0, 1.0])
+
+
+def test_jit_and_vmap_agree():
+    inp = kk.FengInput(kk.FENG_FDG)
+    params = jnp.asarray(RATE_SETS, jnp.float32)
+    eager = kk.pet_frames(params, inp, kk.PAPER_SCHEDULE)
+    jitted = jax.jit(lambda p: kk.pet_frames(p, inp, kk.PAPER_SCHEDULE))(params)
+    mapped = jax.vmap(lambda p: kk.pet_frames(p, inp, kk.PAPER_SCHEDULE))(params)
+    one = jax.jit(lambda p: kk.pet_frames(p, inp, kk.PAPER_SCHEDULE))
+    looped = jnp.stack([one(p) for p in params])
+    # float32: XLA fuses and reorders differently with and without jit (a few ulp).
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mapped, looped, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(looped, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_inputs_vmap_with_params():
+    base = np.asarray(kk.FENG_FDG)
+    feng = jnp.asarray(
+        np.stack([base, base * np.array([1.2, 0.9, 1.1, 1, 1, 1, 1.5])]), jnp.float32
+    )
+    params = jnp.asarray(np.stack([RATE_SETS[:4], RATE_SETS[4:8]]), jnp.float32)  # [2, 4, 5]
+    fn = lambda p, f: kk.pet_frames(p, kk.FengInput(f), kk.PAPER_SCHEDULE)
+    got = jax.jit(jax.vmap(fn))(params, feng)
+    for i in range(2):
+        np.testing.assert_allclose(got[i], fn(params[i], feng[i]), rtol=1e-5, atol=1e-6)
+    # The input itself as a vmapped pytree.
+    inps = jax.vmap(kk.FengInput)(feng)
+    got2 = jax.vmap(lambda p, i: kk.pet_frames(p, i, kk.PAPER_SCHEDULE))(params, inps)
+    np.testing.assert_allclose(got2, got, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_finite_differences(x64):
+    inp = kk.FengInput(kk.FENG_FDG)
+    f = lambda p: kk.pet_frames(p, inp, kk.PAPER_SCHEDULE)
+    for rates in (
+        [0.05, 0.1, 0.15, 0.05, 0.01],
+        [0.3, 1.2, 1.3, 0.02, 0.003],
+        [0.1, 0.2, 0.3, 0.25, 0.1],
+    ):
+        check_grads(
+            jax.jit(f),
+            (jnp.asarray(rates),),
+            order=1,
+            modes=("rev",),
+            eps=1e-6,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    times = np.array([0.5, 1.0, 2.0, 5.0, 20.0, 70.0])
+    sinp = kk.SampledInput(times, feng_np(kk.FENG_FDG, times + 0.3))
+    g = lambda p: kk.pet_frames(p, sinp, kk.PAPER_SCHEDULE)
+    check_grads(
+        jax.jit(g),
+        (jnp.asarray([0.05, 0.1, 0.15, 0.05, 0.01]),),
+        order=1,
+        modes=("rev",),
+        eps=1e-6,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    # Gradient with respect to the input function's parameters (pytree leaf).
+    h = lambda fp: kk.pet_frames(jnp.asarray(HUANG_GM), kk.FengInput(fp), kk.PAPER_SCHEDULE)
+    check_grads(
+        jax.jit(h),
+        (jnp.asarray(kk.FENG_FDG),),
+        order=1,
+        modes=("rev",),
+        eps=1e-6,
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_gradients_finite_at_edges(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        edges = jnp.asarray(
+            [
+                [0.0, 0.1, 0.15, 0.05, 0.0],
+                [0.1, 0.1, 0.15, 0.0, 0.02],
+                [0.0, 0.3, 0.2, 0.0, 0.2],
+                [0.0, 0.0, 0.0, 0.0, 0.0],
+                [1.0, 0.5, 0.0, 0.0, 0.0],
+                [0.0, 2.0, 3.0, 1.0, 0.2],
+            ],
+            dtype,
+        )
+        feng = kk.FengInput(kk.FENG_FDG)
+        sampled = kk.SampledInput(
+            np.array([0.5, 1.0, 70.0], dtype), np.array([0.0, 50.0, 5.0], dtype)
+        )
+        for inp, lam in ((feng, 0.0), (feng, LAM), (sampled, 0.0)):
+            loss = lambda p: jnp.sum(
+                kk.pet_frames(p, inp, kk.PAPER_SCHEDULE, decay_constant=lam) ** 2
+            )
+            grads = jax.jit(jax.grad(loss))(edges)
+            assert bool(jnp.all(jnp.isfinite(grads))), (type(inp).__name__, lam, grads)
+            vals = pet_frames(edges, inp, schedule=kk.PAPER_SCHEDULE, decay_constant=lam)
+            assert bool(jnp.all(jnp.isfinite(vals)))
+
+
+def test_equal_eigenvalues_continuous(x64):
+    inp = kk.FengInput(kk.FENG_FDG)
+    exact = kk.pet_frames(jnp.asarray([0.0, 0.3, 0.2, 0.0, 0.2]), inp, kk.PAPER_SCHEDULE)
+    for eps in (1e-4, 1e-7, 1e-10):
+        near = kk.pet_frames(jnp.asarray([0.0, 0.3, 0.2 + eps, eps, 0.2]), inp, kk.PAPER_SCHEDULE)
+        np.testing.assert_allclose(near, exact, rtol=10 * eps + 1e-12)
+
+
+def test_ki_from_rates():
+    np.testing.assert_allclose(kk.ki_from_rates(0.1, 0.15, 0.05), 0.025)
+    assert float(kk.ki_from_rates(0.1, 0.0, 0.0)) == 0.0
+    g = jax.grad(lambda k: kk.ki_from_rates(k[0], k[1], k[2]))(jnp.zeros(3))
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: kk.FrameSchedule([0.0, 1.0], [1.0]), "same length"),
+        (
+            lambda: kk.FrameSchedule([0.0, 2.0, 1.0], [1.0, 3.0, 4.0]),
+            "overlap or are not increasing",
+        ),
+        (lambda: kk.FrameSchedule([0.0, 0.5], [1.0, 2.0]), "overlap"),
+        (lambda: kk.FrameSchedule([0.0], [0.0]), "not after its start"),
+        (lambda: kk.FrameSchedule.from_durations([10, -5]), "positive"),
+        (lambda: kk.SampledInput([0.0, 2.0, 1.0], [0, 1, 2]), "strictly increasing"),
+        (lambda: kk.SampledInput([0.0, 1.0], [0, 1, 2]), "must match"),
+        (lambda: kk.FengInput(np.asarray(kk.FENG_FDG) * -1), "negative"),
+        (
+            lambda: kk.pet_frames(
+                jnp.asarray([0.0, 0.1, -0.1, 0.0, 0.0]), kk.FengInput(), kk.PAPER_SCHEDULE
+            ),
+            "k2 has negative",
+        ),
+        (lambda: kk.pet_frames(jnp.ones(4), kk.FengInput(), kk.PAPER_SCHEDULE), "last axis of 5"),
+        (lambda: kk.patlak(jnp.ones(27), kk.FengInput(), kk.PAPER_SCHEDULE, 9.0), "27 time points"),
+        (
+            lambda: kk.patlak(jnp.ones(28), kk.FengInput(), kk.PAPER_SCHEDULE, 70.0),
+            "past the last frame",
+        ),
+        (lambda: kk.patlak(jnp.ones(28), kk.FengInput(), kk.PAPER_SCHEDULE, 60.0), "at least 2"),
+        (
+            lambda: kk.patlak(jnp.ones(28), kk.FengInput(), kk.PAPER_SCHEDULE, 9.0, method="lsq"),
+            "method",
+        ),
+        (
+            lambda: kk.pet_frames(
+                jnp.zeros(5), kk.FengInput(), kk.PAPER_SCHEDULE, decay_constant=-1.0
+            ),
+            "decay_constant",
+        ),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_schedule_is_static_and_hashable():
+    sched = kk.PAPER_SCHEDULE
+    assert sched.n_frames == 28 and sched[:22].end[-1] == pytest.approx(35.0)
+    assert hash(sched) == hash(kk.FrameSchedule(sched.start.copy(), sched.end.copy()))
+    again = kk.FrameSchedule.from_seconds(sched.start * 60, sched.duration * 60)
+    np.testing.assert_allclose(again.end, sched.end, rtol=1e-14)
+    np.testing.assert_array_equal(sched.select(9.0), np.arange(15, 28))
+    np.testing.assert_array_equal(sched.select(9.0, 35.0), np.arange(15, 22))
