@@ -1,0 +1,1 @@
+"""Data: BIDS-PET reading and writing (`bids`), the simulator (`phantom`), the grain pipeline."""

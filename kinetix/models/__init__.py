@@ -1,0 +1,133 @@
+"""kinetix.models: Flax NNX networks (U-Net features → 2TCM parameters, or late frames directly).
+
+Use them functionally in training code::
+
+    model = build_model(config.model, rngs=nnx.Rngs(config.seed))
+    graphdef, state = nnx.split(model)          # once
+    params = nnx.merge(graphdef, state)(x)      # inside a pure jitted step
+
+The only NNX state is `nnx.Param` (GroupNorm, no BatchNorm), so there are no batch statistics
+to thread through the step.
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kinetix.models.direct_net import DirectNet
+from kinetix.models.kinetic_net import (
+    ACTIVATIONS,
+    DEFAULT_LOWER,
+    DEFAULT_UPPER,
+    PAPER_HEAD_HIDDEN,
+    PARAM_NAMES,
+    EarlyFramesNet,
+    KineticHead,
+    KineticNet,
+    bound_outputs,
+    params_to_frames,
+)
+from kinetix.models.unet import (
+    PAPER_WIDTHS,
+    DoubleConv,
+    Down,
+    FrameFeatureExtractor,
+    UNet,
+    Up,
+    apply_per_frame,
+)
+
+KINDS = ("kinetic", "direct")
+
+__all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_LOWER",
+    "DEFAULT_UPPER",
+    "KINDS",
+    "PAPER_HEAD_HIDDEN",
+    "PAPER_WIDTHS",
+    "PARAM_NAMES",
+    "DirectNet",
+    "DoubleConv",
+    "Down",
+    "EarlyFramesNet",
+    "FrameFeatureExtractor",
+    "KineticHead",
+    "KineticNet",
+    "UNet",
+    "Up",
+    "apply_per_frame",
+    "bound_outputs",
+    "build_model",
+    "params_to_frames",
+]
+
+_MISSING = object()
+
+
+def _get(config, name, default=_MISSING):
+    value = getattr(config, name, default)
+    if value is _MISSING:
+        raise ValueError(f"Model config is missing the required field {name!r}.")
+    return value
+
+
+def _dtype_or_none(value):
+    return None if value is None else jnp.dtype(value)
+
+
+def _tuple_or_none(value):
+    return None if value is None else tuple(value)
+
+
+def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
+    """Build a `KineticNet` or `DirectNet` from a config section (any object with attributes).
+
+    Fields read (an absent optional field takes the default shown):
+      kind: ``'kinetic'`` (U-Net + bounded 2TCM head) or ``'direct'`` ("without model" ablation).
+      widths: U-Net widths, multiples of 16 (default (64, 128, 256, 512, 1024)).
+      residual: residual DoubleConv blocks (default True; the authors' code: False).
+      features_per_frame: U-Net features per frame (default 10).
+      n_early: input frames (default 22).
+      head_hidden: hidden widths of the pointwise head (default (256, 128, 128, 64)).
+      activation: kinetic only, ``'scaled_sigmoid'`` (default) or ``'hardsigmoid'`` (authors').
+      bounds_lower, bounds_upper: kinetic + scaled_sigmoid only: 5 numbers each for
+        (fv, K1, k2, k3, k4) in (1, mL/min/mL, 1/min, 1/min, 1/min); default
+        `DEFAULT_LOWER` = 0 and `DEFAULT_UPPER` = (1, 2, 3, 1, 0.2). None means the default.
+      init_params: values the final bias maps to (default None: mid-range, zero bias).
+      n_late: direct only, predicted late frames (default 6).
+      dtype: computation dtype name or dtype, e.g. ``'bfloat16'`` (default None: float32).
+
+    Args:
+      config: e.g. ``config.model`` of an `ml_collections.ConfigDict`, or any namespace.
+      rngs: `nnx.Rngs` or an integer seed.
+
+    Returns:
+      The model (an `EarlyFramesNet`): [B, H, W, n_early] -> [B, H, W, 5] or [B, H, W, n_late].
+    """
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(rngs)
+    kind = _get(config, "kind")
+    if kind not in KINDS:
+        raise ValueError(f"Model config field 'kind' must be one of {KINDS}, got {kind!r}.")
+    common = dict(
+        n_early=int(_get(config, "n_early", 22)),
+        features_per_frame=int(_get(config, "features_per_frame", 10)),
+        widths=tuple(_get(config, "widths", PAPER_WIDTHS)),
+        residual=bool(_get(config, "residual", True)),
+        head_hidden=tuple(_get(config, "head_hidden", PAPER_HEAD_HIDDEN)),
+        init_params=_tuple_or_none(_get(config, "init_params", None)),
+        dtype=_dtype_or_none(_get(config, "dtype", None)),
+        rngs=rngs,
+    )
+    if kind == "direct":
+        return DirectNet(n_late=int(_get(config, "n_late", 6)), **common)
+    activation = _get(config, "activation", "scaled_sigmoid")
+    bounds = None
+    if activation == "scaled_sigmoid":
+        lower = _get(config, "bounds_lower", None)
+        upper = _get(config, "bounds_upper", None)
+        bounds = (
+            DEFAULT_LOWER if lower is None else tuple(lower),
+            DEFAULT_UPPER if upper is None else tuple(upper),
+        )
+    return KineticNet(activation=activation, bounds=bounds, **common)

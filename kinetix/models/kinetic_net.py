@@ -1,0 +1,337 @@
+"""Kinetic model network: U-Net features of the early frames → bounded 2TCM parameters per voxel.
+
+Liang et al. 2023, "Kinetic model network": the frame-major U-Net features ([B, H, W, 22·10])
+go through a pointwise network of 1×1 convolutions 220→256→128→128→64 (GroupNorm with 16
+channels per group, LeakyReLU) → 5, bounded to the 2TCM parameters (fv, K1, k2, k3, k4) of every
+voxel. `params_to_frames` turns them into PET frames with `kinetix.kinetics`.
+
+Output bounding (``activation``):
+- ``'scaled_sigmoid'`` (kinetix default): ``lower + (upper - lower) · sigmoid(z)`` with
+  physiological bounds, by default lower 0 and upper (fv 1, K1 2 mL/min/mL, k2 3, k3 1, k4 0.2
+  1/min).
+- ``'hardsigmoid'`` (authors' code): PyTorch ``Hardsigmoid`` = ``relu6(z + 3) / 6``
+  (`jax.nn.hard_sigmoid`), all five parameters in [0, 1].
+- ``'none'``: the raw outputs (used by `kinetix.models.direct_net`).
+
+Initialisation: Flax defaults (LeCun-normal kernels, zero biases), except that the final layer's
+bias is set so that a zero pre-activation maps to ``init_params`` — by default the middle of the
+range (sigmoid(0) = hard_sigmoid(0) = 1/2, i.e. half the bound); the random kernel spreads the
+initial parameters around it.
+
+The 1×1 convolutions are `nnx.Linear` layers on the channel axis. GroupNorm statistics are taken
+per image over H, W and the group's channels (as PyTorch's GroupNorm after 1×1 convolutions), so
+the head is pointwise except for these statistics.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kinetix.kinetics as kk
+from kinetix.models.unet import PAPER_WIDTHS, FrameFeatureExtractor, group_norm
+
+PARAM_NAMES = kk.PARAM_NAMES
+"""Order of the 2TCM parameters on the last axis: (fv, K1, k2, k3, k4)."""
+
+DEFAULT_LOWER = (0.0, 0.0, 0.0, 0.0, 0.0)
+"""Default lower bounds of (fv, K1, k2, k3, k4): fv unitless, K1 mL/min/mL, k2..k4 1/min."""
+
+DEFAULT_UPPER = (1.0, 2.0, 3.0, 1.0, 0.2)
+"""Default upper bounds of (fv, K1, k2, k3, k4): fv unitless, K1 mL/min/mL, k2..k4 1/min."""
+
+PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
+"""Hidden widths of the paper's pointwise network."""
+
+ACTIVATIONS = ("scaled_sigmoid", "hardsigmoid", "none")
+
+
+def _float_tuple(name: str, values, n: int) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)
+    except TypeError as e:
+        raise ValueError(f"{name} must be a sequence of {n} numbers, got {values!r}.") from e
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be {n} finite numbers, got {values!r}.")
+    return out
+
+
+def _final_bias(activation, lower, upper, init_params, n) -> np.ndarray:
+    """Final-layer bias giving ``init_params`` when the kernel's contribution is zero."""
+    if init_params is None:
+        return np.zeros(n, np.float32)  # sigmoid(0) = hard_sigmoid(0) = 1/2: mid-range.
+    p = np.asarray(_float_tuple("KineticHead init_params", init_params, n))
+    if activation == "none":
+        return p.astype(np.float32)
+    lo = np.asarray(lower) if activation == "scaled_sigmoid" else np.zeros(n)
+    hi = np.asarray(upper) if activation == "scaled_sigmoid" else np.ones(n)
+    if np.any(p <= lo) or np.any(p >= hi):
+        raise ValueError(
+            f"KineticHead init_params {tuple(p)} must lie strictly inside the output range "
+            f"({tuple(lo)}, {tuple(hi)})."
+        )
+    frac = (p - lo) / (hi - lo)
+    if activation == "scaled_sigmoid":
+        return np.log(frac / (1.0 - frac)).astype(np.float32)  # logit
+    return (6.0 * frac - 3.0).astype(np.float32)  # inverse of relu6(z + 3) / 6 on (0, 1)
+
+
+class KineticHead(nnx.Module):
+    """Pointwise network: [B, H, W, in_features] → [B, H, W, n_params], bounded.
+
+    Layers: for each hidden width h: Linear (1×1 conv, with bias) → GroupNorm(h // 16 groups) →
+    LeakyReLU(0.01); then Linear → ``n_params`` → bounding ``activation`` (module docstring).
+
+    Args:
+      in_features: input channels (paper: 22 frames × 10 features = 220).
+      hidden: hidden widths, each a positive multiple of 16 (may be empty).
+      n_params: outputs per voxel (5 for the 2TCM: fv, K1, k2, k3, k4).
+      activation: ``'scaled_sigmoid'``, ``'hardsigmoid'`` or ``'none'``.
+      bounds: ``(lower, upper)``, each ``n_params`` numbers with lower < upper, only for
+        ``'scaled_sigmoid'``; None gives `DEFAULT_LOWER`, `DEFAULT_UPPER` (needs n_params = 5).
+        Units: fv unitless, K1 mL/min/mL, k2, k3, k4 1/min.
+      init_params: output values the final bias is set to produce at zero kernel contribution
+        (strictly inside the range); None: the middle of the range (zero bias).
+      dtype: computation dtype of the layers; the bounding is computed in float32 or wider.
+      rngs: NNX random streams.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 220,
+        hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
+        n_params: int = 5,
+        *,
+        activation: str = "scaled_sigmoid",
+        bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+        init_params: Sequence[float] | None = None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"KineticHead activation must be one of {ACTIVATIONS}, got {activation!r}."
+            )
+        if not isinstance(n_params, int) or n_params <= 0:
+            raise ValueError(f"KineticHead n_params must be a positive integer, got {n_params!r}.")
+        if not isinstance(in_features, int) or in_features <= 0:
+            raise ValueError(
+                f"KineticHead in_features must be a positive integer, got {in_features!r}."
+            )
+        hidden = tuple(hidden)
+        lower = upper = None
+        if activation == "scaled_sigmoid":
+            if bounds is None:
+                if n_params != len(DEFAULT_UPPER):
+                    raise ValueError(
+                        f"KineticHead bounds must be given for n_params={n_params} "
+                        f"(the defaults are for the {len(DEFAULT_UPPER)} 2TCM parameters)."
+                    )
+                bounds = (DEFAULT_LOWER, DEFAULT_UPPER)
+            if len(bounds) != 2:
+                raise ValueError(f"KineticHead bounds must be (lower, upper), got {bounds!r}.")
+            lower = _float_tuple("KineticHead lower bounds", bounds[0], n_params)
+            upper = _float_tuple("KineticHead upper bounds", bounds[1], n_params)
+            if not all(lo < hi for lo, hi in zip(lower, upper, strict=True)):
+                raise ValueError(
+                    f"KineticHead bounds need lower < upper for every parameter, got "
+                    f"lower={lower}, upper={upper}."
+                )
+        elif bounds is not None:
+            raise ValueError(
+                f"KineticHead bounds apply only to activation='scaled_sigmoid', not {activation!r}."
+            )
+        self.in_features = in_features
+        self.hidden = hidden
+        self.n_params = n_params
+        self.activation = activation
+        self.lower = lower
+        self.upper = upper
+
+        layers, norms = [], []
+        width = in_features
+        for h in hidden:
+            layers.append(nnx.Linear(width, h, dtype=dtype, rngs=rngs))
+            norms.append(group_norm(h, dtype=dtype, rngs=rngs))
+            width = h
+        self.layers = nnx.List(layers)
+        self.norms = nnx.List(norms)
+        self.out = nnx.Linear(width, n_params, dtype=dtype, rngs=rngs)
+        bias = _final_bias(activation, lower, upper, init_params, n_params)
+        self.out.bias[...] = jnp.asarray(bias, self.out.bias[...].dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, in_features] -> [B, H, W, n_params] (last axis: fv, K1, k2, k3, k4)."""
+        if x.ndim != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"KineticHead expects input [B, H, W, {self.in_features}], got {x.shape}."
+            )
+        h = x
+        for layer, norm in zip(self.layers, self.norms, strict=True):
+            h = jax.nn.leaky_relu(norm(layer(h)), negative_slope=0.01)
+        z = self.out(h)
+        return bound_outputs(z, self.activation, self.lower, self.upper)
+
+
+def bound_outputs(z: jax.Array, activation: str, lower=None, upper=None) -> jax.Array:
+    """Map pre-activations z [..., P] to the output range of ``activation`` (module docstring).
+
+    Args:
+      z: [..., P] final-layer outputs.
+      activation: ``'scaled_sigmoid'`` (needs ``lower``, ``upper``: P numbers each),
+        ``'hardsigmoid'`` or ``'none'``.
+
+    Returns:
+      [..., P], in float32 or wider for the sigmoids.
+    """
+    if activation == "none":
+        return z
+    z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+    if activation == "hardsigmoid":
+        return jax.nn.hard_sigmoid(z)
+    if activation == "scaled_sigmoid":
+        shape = (1,) * (z.ndim - 1) + (z.shape[-1],)
+        lo = jnp.asarray(lower, z.dtype).reshape(shape)
+        hi = jnp.asarray(upper, z.dtype).reshape(shape)
+        return lo + (hi - lo) * jax.nn.sigmoid(z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+
+
+class EarlyFramesNet(nnx.Module):
+    """Shared body of `KineticNet` and `DirectNet`: per-frame U-Net features → `KineticHead`.
+
+    Args:
+      n_early: number of input frames T_in (paper: 22, 0–35 min).
+      n_out: outputs per voxel.
+      features_per_frame: U-Net features per frame F (paper: 10).
+      widths: U-Net widths (see `kinetix.models.unet.UNet`).
+      residual: residual `DoubleConv` blocks (paper text) or not (authors' code).
+      head_hidden: hidden widths of the head.
+      activation, bounds, init_params: see `KineticHead`.
+      dtype: computation dtype.
+      rngs: NNX random streams.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_early: int,
+        n_out: int,
+        features_per_frame: int = 10,
+        widths: Sequence[int] = PAPER_WIDTHS,
+        residual: bool = True,
+        head_hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
+        activation: str = "scaled_sigmoid",
+        bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+        init_params: Sequence[float] | None = None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if not isinstance(n_early, int) or n_early <= 0:
+            raise ValueError(f"n_early must be a positive integer, got {n_early!r}.")
+        self.n_early = n_early
+        self.features = FrameFeatureExtractor(
+            features_per_frame, widths, residual, dtype=dtype, rngs=rngs
+        )
+        self.head = KineticHead(
+            n_early * features_per_frame,
+            head_hidden,
+            n_out,
+            activation=activation,
+            bounds=bounds,
+            init_params=init_params,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, frames_early: jax.Array) -> jax.Array:
+        """[B, H, W, n_early] SUV frames -> [B, H, W, n_out]."""
+        if frames_early.ndim != 4 or frames_early.shape[-1] != self.n_early:
+            raise ValueError(
+                f"{type(self).__name__} expects the {self.n_early} early frames as "
+                f"[B, H, W, {self.n_early}], got shape {frames_early.shape}."
+            )
+        return self.head(self.features(frames_early))
+
+
+class KineticNet(EarlyFramesNet):
+    """Paper's network: early frames [B, H, W, n_early] → 2TCM parameters [B, H, W, 5].
+
+    Output last axis: (fv, K1 [mL/min/mL], k2, k3, k4 [1/min]), bounded by ``activation``.
+    Keyword arguments as `EarlyFramesNet` (without ``n_out``, which is 5); defaults are the
+    paper's sizes with kinetix's scaled-sigmoid bounds.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_early: int = 22,
+        features_per_frame: int = 10,
+        widths: Sequence[int] = PAPER_WIDTHS,
+        residual: bool = True,
+        head_hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
+        activation: str = "scaled_sigmoid",
+        bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+        init_params: Sequence[float] | None = None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if activation == "none":
+            raise ValueError("KineticNet activation must bound the parameters, not 'none'.")
+        super().__init__(
+            n_early=n_early,
+            n_out=len(PARAM_NAMES),
+            features_per_frame=features_per_frame,
+            widths=widths,
+            residual=residual,
+            head_hidden=head_hidden,
+            activation=activation,
+            bounds=bounds,
+            init_params=init_params,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+
+def params_to_frames(
+    params: jax.Array,
+    inp,
+    schedule,
+    decay_constant: float = kk.F18_DECAY_CONSTANT,
+    point_samples: bool = False,
+    blood=None,
+) -> jax.Array:
+    """PET frames of the 2TCM with per-voxel parameters, one input function per batch element.
+
+    Args:
+      params: [B, H, W, 5] (fv, K1, k2, k3, k4); K1 mL/min/mL, k2..k4 1/min.
+      inp: plasma input-function pytree with a leading batch axis B on every leaf (e.g.
+        ``kk.FengInput(feng_params_B7)`` or a `kk.SampledInput` with [B, K] times and values),
+        activity in SUV, time in minutes.
+      schedule: `kk.FrameSchedule` with T frames (minutes), static.
+      decay_constant: λ in 1/min, a Python float (default F-18); ignored with point_samples.
+      point_samples: False (kinetix): decay-corrected frame values, `kk.pet_frames`. True
+        (authors' code): C_PET sampled at the frame start times, no decay, `kk.tissue_curve`.
+      blood: optional whole-blood input, batched like ``inp``; None: whole blood = plasma.
+
+    Returns:
+      [B, H, W, T] frame values in SUV.
+    """
+    if params.ndim != 4 or params.shape[-1] != len(PARAM_NAMES):
+        raise ValueError(f"params must have shape [B, H, W, 5], got {params.shape}.")
+    if point_samples:
+        t = np.asarray(schedule.start)
+
+        def one(p, i, bl):
+            return kk.tissue_curve(p, i, t, blood=bl)
+
+    else:
+        lam = float(decay_constant)
+
+        def one(p, i, bl):
+            return kk.pet_frames(p, i, schedule, decay_constant=lam, blood=bl)
+
+    return jax.vmap(one)(params, inp, blood)
