@@ -1,0 +1,226 @@
+"""Tests for kinetix.parametric: Patlak maps of a tiny BIDS subject, mask, CLI and errors."""
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+import types
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import kinetix.kinetics as kk
+from kinetix import parametric
+from kinetix.data import bids
+
+SCHED = kk.PAPER_SCHEDULE
+SHAPE = (7, 6, 3)
+DOSE_MBQ = 300.0
+WEIGHT_KG = 75.0
+SUV_TO_BQML = DOSE_MBQ * 1e6 / (WEIGHT_KG * 1e3)
+AFFINE = np.array(
+    [[0.0, -2.0, 0.0, 30.0], [2.5, 0.0, 0.0, -40.0], [0.0, 0.0, 3.27, 5.5], [0.0, 0.0, 0.0, 1.0]]
+)
+# (fv, K1, k2, k3, k4): five irreversible sets (Patlak bias < 0.7 % at t* = 9 min) and one
+# reversible set (k4 > 0: Patlak underestimates K1·k3/(k2 + k3), not compared with it).
+PARAMS = np.array(
+    [
+        [0.05, 0.10, 0.13, 0.06, 0.0],
+        [0.10, 0.20, 0.30, 0.10, 0.0],
+        [0.02, 0.30, 0.40, 0.15, 0.0],
+        [0.03, 0.60, 0.90, 0.05, 0.0],
+        [0.20, 0.50, 0.60, 0.20, 0.0],
+        [0.05, 0.10, 0.13, 0.06, 0.01],
+    ]
+)
+HOLE = (3, 2, 1)  # a cold voxel enclosed by the body in its axial slice
+SPECK = (6, 5, 0)  # an isolated warm voxel in the air
+
+
+def _body():
+    body = np.zeros(SHAPE, bool)
+    body[1:6, 1:5, :] = True
+    return body
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """A noise-free BIDS subject: a box-shaped body of known 2TCM voxels in zero air."""
+    root = tmp_path_factory.mktemp("bids")
+    grid = np.concatenate([np.arange(0, 2, 0.05), np.arange(2, 10, 0.5), np.arange(10, 66.1, 2)])
+    plasma_suv = np.asarray(kk.FengInput(kk.FENG_FDG)(grid), np.float64)
+    inp = kk.SampledInput(grid, plasma_suv)
+
+    body = _body()
+    body[HOLE] = False
+    n_body = int(body.sum())
+    idx = np.arange(n_body) % len(PARAMS)
+    params = np.zeros(SHAPE + (5,))
+    params[body] = PARAMS[idx]
+    frames = np.zeros(SHAPE + (SCHED.n_frames,))
+    frames[body] = np.asarray(kk.pet_frames(PARAMS, inp, SCHED))[idx]
+    frames[SPECK] = frames[body][0]
+    pet = bids.write_subject(
+        root,
+        "sub-01",
+        frames * SUV_TO_BQML,
+        SCHED,
+        grid,
+        plasma_suv * SUV_TO_BQML,
+        plasma_suv * SUV_TO_BQML,  # whole blood = plasma
+        DOSE_MBQ,
+        WEIGHT_KG,
+        AFFINE,
+    )
+    return types.SimpleNamespace(pet=pet, params=params, study=bids.read_subject(pet))
+
+
+@pytest.mark.parametrize("method", kk.METHODS)
+@pytest.mark.parametrize("t_end", [None, 35.0])
+def test_maps_equal_kk_patlak_inside_mask(subject, method, t_end):
+    study = subject.study
+    ki, v0, mask = parametric.patlak_maps(study, 9.0, t_end, method, chunk_voxels=16)
+    ref_ki, ref_v0 = kk.patlak(
+        study.frames[mask], study.plasma_input(), study.schedule, 9.0, t_end, method=method
+    )
+    assert ki.shape == v0.shape == mask.shape == SHAPE
+    assert ki.dtype == v0.dtype == np.float32
+    np.testing.assert_allclose(ki[mask], ref_ki, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(v0[mask], ref_v0, rtol=1e-5, atol=1e-7)
+    assert not np.any(ki[~mask]) and not np.any(v0[~mask])
+
+
+def test_ki_matches_rates_for_irreversible_voxels(subject):
+    ki, _, mask = parametric.patlak_maps(subject.study, 9.0)
+    fv, k1, k2, k3, k4 = np.moveaxis(subject.params, -1, 0)
+    irreversible = mask & (k1 > 0) & (k4 == 0)
+    assert irreversible.sum() >= 40
+    true = (1.0 - fv) * np.asarray(kk.ki_from_rates(k1, k2, k3))
+    np.testing.assert_allclose(ki[irreversible], true[irreversible], rtol=0.02)
+    # k4 > 0: Patlak sees less than K1·k3/(k2 + k3) (trapping is not irreversible).
+    reversible = mask & (k4 > 0)
+    assert np.all(ki[reversible] < 0.95 * true[reversible])
+
+
+def test_mask_covers_body_fills_hole_drops_speck(subject):
+    _, _, mask = parametric.patlak_maps(subject.study, 9.0)
+    np.testing.assert_array_equal(mask, _body())
+    assert mask[HOLE] and not mask[SPECK]
+    _, _, everything = parametric.patlak_maps(subject.study, 9.0, mask_threshold=0.0)
+    assert everything.all()
+
+
+def test_body_mask_fills_enclosed_region_only():
+    img = np.zeros((9, 9, 2), np.float32)
+    img[1:8, 1:8, :] = 1.0
+    img[3:6, 3:6, 0] = 0.0  # enclosed cold region ("lung")
+    img[0:3, 4, 1] = 0.0  # a notch open to the air along y: stays outside
+    img[1, 4, 1] = 0.0
+    mask = parametric.body_mask(img, 0.5)
+    expected = img > 0.5
+    expected[3:6, 3:6, 0] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert not mask[1, 4, 1] and not mask[0, 4, 1]
+    with pytest.raises(ValueError, match="mask_threshold"):
+        parametric.body_mask(img, 1.5)
+
+
+def test_chunking_invariance_and_single_compile(subject):
+    parametric._fit_chunk.clear_cache()
+    small = parametric.patlak_maps(subject.study, 9.0, chunk_voxels=7)  # 60 voxels: 9 chunks
+    assert parametric._fit_chunk._cache_size() == 1
+    large = parametric.patlak_maps(subject.study, 9.0, chunk_voxels=1000)
+    # An in-memory study in C order (NIfTI data is Fortran order) takes the other layout path.
+    assert subject.study.frames.flags.f_contiguous
+    c_study = dataclasses.replace(subject.study, frames=np.ascontiguousarray(subject.study.frames))
+    c_order = parametric.patlak_maps(c_study, 9.0, chunk_voxels=7)
+    for a, b, c in zip(small, large, c_order, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_warm_up_compiles_exactly_what_the_fit_uses(subject, tmp_path):
+    parametric._fit_chunk.clear_cache()
+    parametric._warm_up(subject.pet, None, 9.0, None, "ols", 32)
+    assert parametric._fit_chunk._cache_size() == 1  # the peek worked
+    paths = parametric.run(subject.pet, tmp_path, 9.0, chunk_voxels=32)
+    assert parametric._fit_chunk._cache_size() == 1  # ... and the fit reused it
+    ki, _, _ = parametric.patlak_maps(subject.study, 9.0, chunk_voxels=32)
+    np.testing.assert_array_equal(np.asarray(nib.load(paths["ki"]).dataobj), ki)
+
+
+def _cli(*args):
+    return ["prog", *map(str, args)]
+
+
+def test_cli_subprocess_writes_maps_on_input_grid(subject, tmp_path):
+    out = tmp_path / "maps"
+    cmd = [sys.executable, "-m", "kinetix.parametric", "--pet", subject.pet, "--tstar", "9"]
+    proc = subprocess.run(
+        [*map(str, cmd), "--out", str(out), "--chunk_voxels", "16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ki, v0, mask = parametric.patlak_maps(subject.study, 9.0)
+    src = nib.load(subject.pet)
+    for name, expected in (("Ki", ki), ("V0", v0), ("mask", mask.astype(np.float32))):
+        img = nib.load(out / f"sub-01_{name}.nii.gz")
+        np.testing.assert_array_equal(img.affine, src.affine)
+        np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
+        assert img.header.get_zooms()[:3] == src.header.get_zooms()[:3]
+        assert img.get_data_dtype() == np.float32
+        np.testing.assert_allclose(np.asarray(img.dataobj), expected, rtol=1e-6, atol=1e-9)
+    meta = json.loads((out / "sub-01_Ki.json").read_text())
+    assert meta["Method"] == "ols" and meta["TStar"] == 9.0 and meta["TEnd"] == 65.0
+    assert meta["FramesUsed"] == list(range(15, 28))
+    assert "TPCCLIB" in meta["Conventions"] and meta["Mask"]["Voxels"] == int(mask.sum())
+
+
+def test_cli_refuses_to_overwrite(subject, tmp_path, capsys):
+    args = ("--pet", subject.pet, "--tstar", 9, "--out", tmp_path, "--method", "perpendicular")
+    assert parametric.cli(_cli(*args)) == 0
+    before = (tmp_path / "sub-01_Ki.nii.gz").stat().st_mtime_ns
+    assert parametric.cli(_cli(*args)) == 2
+    err = capsys.readouterr().err
+    assert "kinetix.parametric: error:" in err and "already exists" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "sub-01_Ki.nii.gz").stat().st_mtime_ns == before
+    assert parametric.cli(_cli(*args, "--tend", 40, "--overwrite")) == 0
+    assert json.loads((tmp_path / "sub-01_Ki.json").read_text())["TEnd"] == 40.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--pet", "{missing}", "--tstar", 9, "--out", "{out}"), "does not exist"),
+        (("--pet", "{pet}", "--tstar", 100, "--out", "{out}"), "past the last frame"),
+        (("--pet", "{pet}", "--tstar", 9, "--out", "{out}", "--method", "lsq"), "--method"),
+        (("--pet", "{pet}", "--tstar", 9, "--tend", 5, "--out", "{out}"), "t_end"),
+        (("--pet", "{pet}", "--out", "{out}"), "--tstar is required"),
+        (("--pet", "{pet}", "--tstar", 9, "--out", "{out}", "--mask_threshold", 2), "mask"),
+    ],
+)
+def test_cli_errors_are_one_sentence(subject, tmp_path, capsys, args, message):
+    fill = {"missing": tmp_path / "sub-02_pet.nii.gz", "pet": subject.pet, "out": tmp_path / "o"}
+    argv = _cli(*(str(a).format(**fill) for a in args))
+    assert parametric.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kinetix.parametric: error:") and message in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "sub-01_Ki.nii.gz").exists()
+
+
+def test_library_validates_arguments(subject):
+    with pytest.raises(ValueError, match="method"):
+        parametric.patlak_maps(subject.study, 9.0, method="wls")
+    with pytest.raises(ValueError, match="chunk_voxels"):
+        parametric.patlak_maps(subject.study, 9.0, chunk_voxels=0)
+    with pytest.raises(ValueError, match="t_star"):
+        parametric.patlak_maps(subject.study, float("nan"))
+    with pytest.raises(ValueError, match="NIfTI"):
+        parametric.output_paths(pathlib.Path("x_pet.img"), "out")
