@@ -1,0 +1,1 @@
+"""Experiment configurations (ml_collections). Load with `--config configs/<name>.py`."""

@@ -1,0 +1,223 @@
+"""Checkpoints: a thin wrapper over Orbax's `CheckpointManager` (train state + grain iterator).
+
+One checkpoint per saved step under ``directory/<step>/`` with two items:
+
+* ``state``: any pytree of `jax.Array` (params, optimizer state, step, RNG key), written by
+  `ocp.args.StandardSave` (async by default) and always restored into an abstract target
+  (`ocp.args.StandardRestore`) that carries each leaf's shape, dtype and sharding, so a restored
+  array lands directly on the devices and layout the caller asks for.
+* ``data``: the grain `DatasetIterator` state (`grain.checkpoint.CheckpointSave`), one small JSON
+  file per process (``process_<i>-of-<n>.json``). It is written synchronously while `save` runs,
+  so it records exactly the batches consumed so far, and it can only be restored with the same
+  process count (and the same pipeline arguments).
+
+Usage (training loop, see STYLE.md items 16–19)::
+
+    with Checkpointer(workdir / "checkpoints", save_interval_steps=500) as ckpt:
+        restored = ckpt.restore_latest(jax.eval_shape(init_state), data_iterator=it)
+        step, state = restored if restored else (0, init_state())
+        for step in range(step + 1, num_steps + 1):
+            state, metrics = train_step(state, next(it))
+            ckpt.save(step, state, it)
+            if ckpt.reached_preemption(step):
+                break
+        ckpt.save(step, state, it, force=True)        # the final step, always
+
+`save` is collective (call it on every process); `close` (or leaving the `with` block) waits for
+the last async save. Async-save errors are raised by the next `save`, `wait` or `close`, never
+swallowed.
+"""
+
+import pathlib
+
+import grain
+import grain.checkpoint
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _abstract_leaf(x):
+    """A restore target leaf: ShapeDtypeStruct with the array's sharding (other leaves as is)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, np.ndarray | np.generic):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
+
+
+def _describe_mismatch(saved, target) -> str | None:
+    """First difference in tree structure, shape or dtype between saved metadata and target."""
+    saved_leaves = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+    target_leaves = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+    saved_keys = {jax.tree_util.keystr(k): v for k, v in saved_leaves.items()}
+    target_keys = {jax.tree_util.keystr(k): v for k, v in target_leaves.items()}
+    missing = sorted(set(target_keys) - set(saved_keys))
+    if missing:
+        return f"the checkpoint has no {missing[0]} (and {len(missing) - 1} more)"
+    extra = sorted(set(saved_keys) - set(target_keys))
+    if extra:
+        return f"the checkpoint has {extra[0]} that the target lacks ({len(extra)} in all)"
+    for key, t in target_keys.items():
+        s = saved_keys[key]
+        s_shape, t_shape = getattr(s, "shape", None), getattr(t, "shape", None)
+        if s_shape is not None and t_shape is not None and tuple(s_shape) != tuple(t_shape):
+            return f"{key} has shape {tuple(s_shape)} in the checkpoint but {tuple(t_shape)} here"
+    return None
+
+
+class Checkpointer:
+    """Saves and restores (train state, data iterator) with Orbax's `CheckpointManager`.
+
+    Args:
+      directory: where step directories go (created if missing), e.g. ``workdir/checkpoints``.
+      save_interval_steps: `save` writes at multiples of this, plus (Orbax's default policy)
+        the first `save` call of a run with no checkpoint yet and any step at which a
+        preemption was signalled; `force=True` writes regardless.
+      keep: the newest `keep` checkpoints are preserved (`LatestN`); older ones are deleted.
+      async_save: write array data in a background thread (`save` returns once the arrays are
+        copied to host memory).
+      with_data: also checkpoint a grain iterator (item ``data``).
+    """
+
+    def __init__(
+        self,
+        directory,
+        *,
+        save_interval_steps: int,
+        keep: int = 3,
+        async_save: bool = True,
+        with_data: bool = True,
+    ):
+        if int(save_interval_steps) != save_interval_steps or save_interval_steps < 1:
+            raise ValueError(
+                f"save_interval_steps must be a positive integer, got {save_interval_steps}."
+            )
+        if int(keep) != keep or keep < 1:
+            raise ValueError(f"keep must be a positive integer, got {keep}.")
+        self.directory = pathlib.Path(directory).absolute()
+        self.with_data = bool(with_data)
+        self._items = ("state", "data") if self.with_data else ("state",)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=int(save_interval_steps),
+            preservation_policy=ocp.checkpoint_managers.LatestN(int(keep)),
+            enable_async_checkpointing=bool(async_save),
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=self._items, options=options
+        )
+
+    # -- queries ---------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the checkpoints on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write (interval reached or preemption)."""
+        return self._manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the job was told to stop (e.g. a preemption notice); save, wait, exit."""
+        return self._manager.reached_preemption(step)
+
+    # -- save / restore --------------------------------------------------------------------------
+    def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+        """Saves `state` (and the iterator's position) at `step` if due; collective.
+
+        Args:
+          step: the training step the state is at (after `step` updates).
+          state: pytree of `jax.Array` (sharded or not).
+          data_iterator: the grain `DatasetIterator` feeding training; required when the
+            checkpointer was made `with_data=True`.
+          force: save even if `step` is not a multiple of `save_interval_steps` (use it for the
+            final step). An existing checkpoint at `step` is never overwritten.
+
+        Returns:
+          True if a checkpoint was started (it finishes in the background when async).
+
+        Raises:
+          ValueError: if a data iterator is missing or given when not configured.
+          Exception: any error of a previous async save (surfaced here, not swallowed).
+        """
+        if self.with_data and data_iterator is None:
+            raise ValueError(
+                "save needs data_iterator: this Checkpointer was made with with_data=True."
+            )
+        if not self.with_data and data_iterator is not None:
+            raise ValueError("save got a data_iterator but the Checkpointer has with_data=False.")
+        self._manager.check_for_errors()
+        if force and step in self._manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(state)}
+        if self.with_data:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return bool(self._manager.save(int(step), args=ocp.args.Composite(**items), force=force))
+
+    def restore_latest(self, abstract_state, data_iterator=None):
+        """Restores the newest checkpoint into `abstract_state`'s shapes, dtypes and shardings.
+
+        Args:
+          abstract_state: the target pytree, typically `jax.eval_shape(init_fn)` with shardings
+            attached (`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`); concrete arrays are
+            accepted and used for their shape, dtype and sharding only. Leaves without a
+            sharding are restored on the default device.
+          data_iterator: a freshly built grain iterator of the same pipeline; if given, its
+            position is set in place to the saved one.
+
+        Returns:
+          (step, state), or None when the directory holds no checkpoint.
+
+        Raises:
+          ValueError: if the checkpoint does not match the target (another model or config),
+            or has no iterator state when `data_iterator` is given.
+        """
+        self.wait()
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        target = jax.tree.map(_abstract_leaf, abstract_state)
+        saved = self._manager.item_metadata(step)
+        if "state" in saved and saved["state"] is not None:
+            tree = getattr(saved["state"], "tree", saved["state"])
+            problem = _describe_mismatch(tree, target)
+            if problem is not None:
+                raise ValueError(
+                    f"The checkpoint {self.directory / str(step)} does not match this "
+                    f"model/config: {problem}."
+                )
+        items = {"state": ocp.args.StandardRestore(target)}
+        if data_iterator is not None:
+            if not (self.directory / str(step) / "data").is_dir():
+                raise ValueError(
+                    f"The checkpoint {self.directory / str(step)} holds no data-iterator state; "
+                    "restore without data_iterator or start a new workdir."
+                )
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return step, restored["state"]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk; raises their errors."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        """Waits for pending saves (raising their errors) and releases Orbax's resources."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,519 @@
+"""Training: one jit-compiled, data-parallel `train_step`, Orbax checkpoints, metrics, resume.
+
+Shape of the loop (big_vision / flax examples):
+- the model is built once and split, `graphdef, params = nnx.split(model)`; the step is a plain
+  `jax.jit` over a pytree state {step, params, opt_state, rng} with the state donated, and
+  `nnx.merge` happens only inside it;
+- one code path for 1..N devices: a 1-D `jax.make_mesh` over all devices named 'data', batches
+  sharded `P('data')`, parameters and optimiser state replicated;
+- the host fetches metrics only on log steps (`metrics.jsonl`, progress bar with loss, steps/s
+  and ETA) and stops with a clear error on non-finite values;
+- the workdir identifies the run: checkpoints (with the grain iterator state) are restored on
+  start, so rerunning the same command resumes.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+import kinetix.kinetics as kk
+from kinetix import losses, models
+from kinetix.data import pipeline
+
+BATCH_KEYS = ("frames", "mask", "plasma_times", "plasma", "whole_blood", "valid")
+
+
+# ----------------------------------------------------------------------------------- config ---
+def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedule, shape) -> None:
+    """One clear sentence for configurations that cannot work with these data or devices."""
+    n_dev = jax.device_count()
+    bs = config.data.batch_size
+    if bs < 1 or bs % n_dev:
+        raise ValueError(
+            f"config.data.batch_size = {bs} must be a positive multiple of the {n_dev} devices."
+        )
+    if bs % jax.process_count():
+        raise ValueError(f"config.data.batch_size = {bs} must divide by the process count.")
+    bad = [w for w in config.model.widths if w <= 0 or w % 16]
+    if bad:
+        raise ValueError(f"config.model.widths must be positive multiples of 16, got {bad}.")
+    expected = config.data.expected_frames
+    if expected and schedule.n_frames != expected:
+        raise ValueError(
+            f"The data have {schedule.n_frames} frames but config.data.expected_frames is "
+            f"{expected}."
+        )
+    if config.model.n_early >= schedule.n_frames:
+        raise ValueError(
+            f"config.model.n_early = {config.model.n_early} leaves no frame to predict in a "
+            f"{schedule.n_frames}-frame schedule."
+        )
+    multiple = 2 ** (len(config.model.widths) - 1)
+    if shape[0] % multiple or shape[1] % multiple:
+        raise ValueError(
+            f"Slices of {shape[0]}×{shape[1]} do not divide by {multiple}, the U-Net's size "
+            f"multiple for {len(config.model.widths)} levels."
+        )
+    if config.loss.kind not in ("paper", "paper_faithful"):
+        raise ValueError(
+            f"config.loss.kind must be 'paper' or 'paper_faithful', got {config.loss.kind!r}."
+        )
+    if config.loss.patlak_slope not in ("reference", "prediction"):
+        raise ValueError("config.loss.patlak_slope must be 'reference' or 'prediction'.")
+    if config.optim.name not in ("adam", "rmsprop"):
+        raise ValueError(
+            f"config.optim.name must be 'adam' or 'rmsprop', got {config.optim.name!r}."
+        )
+
+
+# -------------------------------------------------------------------------------- optimiser ---
+def learning_rate_schedule(optim: ml_collections.ConfigDict):
+    """Paper: lr ÷10 every `decay_every` steps with a floor (staircase exponential decay)."""
+    return optax.exponential_decay(
+        init_value=optim.learning_rate,
+        transition_steps=optim.decay_every,
+        decay_rate=optim.decay_factor,
+        staircase=True,
+        end_value=optim.min_lr,
+    )
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """Adam with the paper's step schedule, or RMSprop with plateau reduction (authors' code)."""
+    parts = []
+    if optim.grad_clip:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    if optim.name == "adam":
+        parts.append(optax.adam(learning_rate_schedule(optim)))
+    else:
+        parts.append(optax.rmsprop(optim.learning_rate))
+        parts.append(
+            optax.contrib.reduce_on_plateau(
+                factor=optim.plateau_factor,
+                patience=optim.plateau_patience,
+                min_scale=optim.plateau_min_scale,
+            )
+        )
+    return optax.chain(*parts)
+
+
+# ------------------------------------------------------------------------------ model + state ---
+def create_model(config: ml_collections.ConfigDict):
+    return models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+
+
+def create_train_state(config: ml_collections.ConfigDict):
+    """(graphdef, tx, state): state = {step, params, opt_state, rng}, a plain pytree."""
+    model = create_model(config)
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(config.optim)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(config.seed)),
+    }
+    return graphdef, tx, state
+
+
+def batch_inputs(batch, use_whole_blood: bool):
+    """Batched plasma (and whole-blood) inputs from a batch dict: leaves [B, K]."""
+    inp = kk.SampledInput(batch["plasma_times"], batch["plasma"])
+    blood = (
+        kk.SampledInput(batch["plasma_times"], batch["whole_blood"]) if use_whole_blood else None
+    )
+    return inp, blood
+
+
+def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule):
+    """All T frames of the prediction [B,H,W,T] (+ the 2TCM parameters for kinetic models).
+
+    Kinetic: U-Net → head → 2TCM → every frame. Direct: measured early frames followed by the
+    predicted late ones (the model has no parameters, `None` is returned for them).
+    """
+    model = nnx.merge(graphdef, params)
+    out = model(frames_early)
+    if config.model.kind == "kinetic":
+        pred = models.params_to_frames(
+            out,
+            inp,
+            schedule,
+            float(config.kinetics.decay_constant),
+            point_samples=bool(config.model.point_samples),
+            blood=blood,
+        )
+        return pred, out
+    return jnp.concatenate([frames_early, out.astype(frames_early.dtype)], axis=-1), None
+
+
+def compute_loss(pred, batch, x, cp, config, schedule):
+    late, linear = losses.frame_indices(schedule, config.model.n_early, config.kinetics.t_star)
+    mask = batch["mask"] * batch["valid"][:, None, None]
+    if config.loss.kind == "paper":
+        return losses.paper_loss(
+            pred,
+            batch["frames"],
+            mask,
+            x,
+            cp,
+            late_idx=late,
+            linear_idx=linear,
+            delta=config.loss.huber_delta,
+            lam=config.loss.lambda_patlak,
+            slope_source=config.loss.patlak_slope,
+        )
+    return losses.paper_faithful_loss(
+        pred, batch["frames"], mask, x, cp, linear_idx=linear, delta=config.loss.faithful_delta
+    )
+
+
+def make_train_step(graphdef, tx, config, schedule, wrap=None):
+    """The pure step `train_step(state, batch) -> (state, metrics)`, jitted, state donated.
+
+    `wrap` optionally decorates the Python function before `jax.jit` (tests use
+    `chex.assert_max_traces(n=1)`).
+    """
+    n_early = config.model.n_early
+    use_wb = bool(config.kinetics.use_whole_blood)
+    lr_fn = learning_rate_schedule(config.optim)
+
+    def loss_fn(params, batch):
+        inp, blood = batch_inputs(batch, use_wb)
+        pred, _ = predict_frames(
+            graphdef, params, batch["frames"][..., :n_early], inp, blood, config, schedule
+        )
+        x, cp = losses.patlak_coordinates(inp, schedule)
+        return compute_loss(pred, batch, x, cp, config, schedule)
+
+    def train_step(state, batch):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], value=loss)
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            **parts,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "learning_rate": lr_fn(state["step"])
+            if config.optim.name == "adam"
+            else jnp.asarray(config.optim.learning_rate, jnp.float32),
+        }
+        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    if wrap is not None:
+        train_step = wrap(train_step)
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, config, schedule):
+    """`eval_step(params, batch) -> (pred [B,H,W,T], params_map or None, loss_sum, weight)`."""
+    n_early = config.model.n_early
+    use_wb = bool(config.kinetics.use_whole_blood)
+
+    def eval_step(params, batch):
+        inp, blood = batch_inputs(batch, use_wb)
+        pred, pmap = predict_frames(
+            graphdef, params, batch["frames"][..., :n_early], inp, blood, config, schedule
+        )
+        x, cp = losses.patlak_coordinates(inp, schedule)
+        loss, _ = compute_loss(pred, batch, x, cp, config, schedule)
+        return pred, pmap, loss
+
+    return jax.jit(eval_step)
+
+
+# ---------------------------------------------------------------------------------- devices ---
+def make_mesh():
+    """1-D mesh over every device, axis 'data' (Auto axis type: XLA propagates shardings)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_batch(batch, sharding):
+    """Process-local numpy batch -> global arrays sharded over the 'data' axis."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+        for k in BATCH_KEYS
+    }
+
+
+# ------------------------------------------------------------------------------------- data ---
+def build_cohort(config, workdir: pathlib.Path):
+    """The cohort: `config.data.root` (BIDS), or a cohort simulated once into workdir/data."""
+    root = config.data.root
+    if not root:
+        root = workdir / "data"
+        if not (root / "participants.tsv").exists():
+            from kinetix import simulate
+            from kinetix.data.phantom import SimulationConfig
+
+            logging.info(
+                "No data root: simulating %d subjects into %s", config.data.sim_subjects, root
+            )
+            cfg = SimulationConfig(
+                size=config.data.sim_size,
+                slices=config.data.sim_slices,
+                noise=config.data.sim_noise,
+            )
+            if jax.process_index() == 0:
+                simulate.simulate_cohort(
+                    root, config.data.sim_subjects, config.seed, cfg, overwrite=True
+                )
+            if jax.process_count() > 1:  # the others wait until process 0 has written it
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("kinetix: simulated cohort written")
+    return pipeline.Cohort.from_bids(root)
+
+
+def split_cohort(config, cohort):
+    return pipeline.split_subjects(
+        cohort.subjects,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        seed=config.seed,
+        val=list(config.data.val_subjects) or None,
+        test=list(config.data.test_subjects) or None,
+    )
+
+
+# ------------------------------------------------------------------------------------- loop ---
+def _check_finite(step, metrics):
+    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite {', '.join(bad)} at step {step}; lower config.optim.learning_rate or "
+            "set config.optim.grad_clip, then rerun (the run resumes from the last checkpoint)."
+        )
+
+
+def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
+    total, weight = 0.0, 0.0
+    for batch in pipeline.eval_batches(
+        cohort,
+        subjects,
+        config.train.eval_batch_size,
+        input_points=config.data.input_points,
+        mask_threshold=config.data.mask_threshold,
+    ):
+        _, _, loss = eval_step(params, shard_batch(batch, sharding))
+        n = float(np.sum(batch["valid"]))
+        total += float(loss) * n
+        weight += n
+    return total / max(weight, 1.0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Train (resuming from workdir if it holds a checkpoint), then evaluate held-out subjects."""
+    from kinetix import checkpoint, provenance
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cohort = build_cohort(config, workdir)
+    schedule = cohort.schedule
+    validate_config(config, schedule, cohort.shape)
+    splits = split_cohort(config, cohort)
+    if jax.process_index() == 0:
+        provenance.write(workdir, config, extra={"splits": splits})
+        (workdir / "splits.json").write_text(json.dumps(splits, indent=1))
+        (workdir / "schedule.json").write_text(
+            json.dumps(
+                {"start": schedule.start.tolist(), "end": schedule.end.tolist(), "units": "min"}
+            )
+        )
+    logging.info(
+        "Subjects: %d train, %d val, %d test", *(len(splits[k]) for k in ("train", "val", "test"))
+    )
+
+    mesh = make_mesh()
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    graphdef, tx, state = create_train_state(config)
+    state = jax.device_put(state, replicated)
+    train_step = make_train_step(graphdef, tx, config, schedule)
+    eval_step = make_eval_step(graphdef, config, schedule)
+
+    per_process = config.data.batch_size // jax.process_count()
+    train_iter = pipeline.slice_dataset(
+        cohort,
+        splits["train"],
+        per_process,
+        seed=config.seed,
+        shuffle=True,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        input_points=config.data.input_points,
+        mask_threshold=config.data.mask_threshold,
+        prefetch=config.data.prefetch,
+        worker_count=config.data.worker_count,
+    )
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        save_interval_steps=config.train.checkpoint_every_steps,
+        keep=config.train.keep_checkpoints,
+    )
+    num_steps = int(config.train.num_steps)
+    history = []
+    try:
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+        )
+        restored = ckpt.restore_latest(abstract, train_iter)
+        if restored is not None:
+            start, state = restored
+            logging.info("Resumed from step %d in %s", start, workdir)
+        else:
+            start = 0
+        metrics_path = workdir / "metrics.jsonl"
+        writer = open(metrics_path, "a") if jax.process_index() == 0 else None  # noqa: SIM115
+        try:
+            start = int(jax.device_get(state["step"]))
+            bar = tqdm(
+                total=num_steps,
+                initial=start,
+                desc=f"train {config.name}",
+                disable=jax.process_index() != 0 or start >= num_steps,
+                dynamic_ncols=True,
+            )
+            t_last, s_last = time.perf_counter(), start
+            with jax.set_mesh(mesh):
+                for step in range(start + 1, num_steps + 1):
+                    batch = shard_batch(next(train_iter), data_sharding)
+                    if step == start + 1:
+                        logging.info("Compiling the first step…")
+                        t0 = time.perf_counter()
+                    state, metrics = train_step(state, batch)
+                    if step == start + 1:
+                        jax.block_until_ready(state)
+                        logging.info("First step took %.1f s", time.perf_counter() - t0)
+                    bar.update(1)
+                    last = step == num_steps
+                    if step % config.train.log_every_steps == 0 or last:
+                        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        _check_finite(step, m)
+                        now = time.perf_counter()
+                        m["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
+                        t_last, s_last = now, step
+                        if step % config.train.eval_every_steps == 0 or last:
+                            if splits["val"]:
+                                m["val_loss"] = evaluate_loss(
+                                    eval_step,
+                                    state["params"],
+                                    cohort,
+                                    splits["val"],
+                                    config,
+                                    data_sharding,
+                                )
+                        record = {"step": step, **m}
+                        history.append(record)
+                        if writer:
+                            writer.write(json.dumps(record) + "\n")
+                            writer.flush()
+                        bar.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
+                    ckpt.save(step, state, train_iter, force=last)
+                    if ckpt.reached_preemption(step):
+                        ckpt.wait()
+                        logging.warning("Preemption at step %d: checkpoint written, exiting.", step)
+                        return {"preempted_at": step}
+            bar.close()
+        finally:
+            if writer:
+                writer.close()
+        ckpt.wait()
+    finally:
+        ckpt.close()
+
+    result = {"history": history, "final_step": num_steps}
+    if config.eval.run_after_training:
+        from kinetix import evaluate
+
+        predict_fn = make_predict_fn(eval_step, state["params"], data_sharding)
+        result["eval"] = evaluate.evaluate_run(config, workdir, cohort, splits["test"], predict_fn)
+    return result
+
+
+def make_predict_fn(eval_step, params, sharding):
+    """numpy batch -> {"frames": [B,H,W,T], "params": [B,H,W,5] or None} (host arrays)."""
+
+    def predict_fn(batch):
+        pred, pmap, _ = eval_step(params, shard_batch(batch, sharding))
+        return {
+            "frames": np.asarray(jax.device_get(pred)),
+            "params": None if pmap is None else np.asarray(jax.device_get(pmap)),
+        }
+
+    return predict_fn
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    """The config a run was trained with (workdir/config.json)."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {workdir} a kinetix training workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_params(config, workdir):
+    """(graphdef, params) of the latest checkpoint in workdir, restored into an abstract target."""
+    from kinetix import checkpoint
+
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    graphdef, _, state = create_train_state(config)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
+    )
+    ckpt = checkpoint.Checkpointer(
+        pathlib.Path(workdir) / "checkpoints",
+        save_interval_steps=1,
+        keep=config.train.keep_checkpoints,
+        with_data=True,
+    )
+    try:
+        restored = ckpt.restore_latest(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first.")
+    return graphdef, restored[1]["params"]
+
+
+def load_for_inference(workdir, data_root=None):
+    """(config, predict_fn, cohort, splits) of a trained workdir; `data_root` overrides the data.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint in workdir.
+      ValueError: the data do not fit the trained configuration.
+    """
+    workdir = pathlib.Path(workdir)
+    config = load_config(workdir)
+    if data_root:
+        cohort = pipeline.Cohort.from_bids(data_root)
+    else:
+        cohort = build_cohort(config, workdir)
+    validate_config(config, cohort.schedule, cohort.shape)
+    splits_path = workdir / "splits.json"
+    if data_root or not splits_path.exists():
+        splits = {"train": [], "val": [], "test": list(cohort.subjects)}
+    else:
+        splits = json.loads(splits_path.read_text())
+    graphdef, params = restore_params(config, workdir)
+    mesh = make_mesh()
+    eval_step = make_eval_step(graphdef, config, cohort.schedule)
+    return (
+        config,
+        make_predict_fn(eval_step, params, NamedSharding(mesh, P("data"))),
+        cohort,
+        splits,
+    )

@@ -1,0 +1,112 @@
+"""Loss values on hand-made cases (kinetix.losses)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import kinetix.kinetics as kk
+from kinetix import losses
+
+SCHED = kk.PAPER_SCHEDULE
+
+
+def test_huber_matches_optax_and_hand_values():
+    r = jnp.array([-3.0, -0.5, 0.0, 0.2, 1.0, 4.0])
+    for delta in (0.5, 1.0, 20.0):
+        np.testing.assert_allclose(
+            losses.huber(r, delta), optax.huber_loss(r, delta=delta), rtol=1e-6
+        )
+    np.testing.assert_allclose(losses.huber(jnp.array([0.5, 3.0]), 1.0), [0.125, 2.5])
+
+
+def test_masked_mean_hand_case():
+    v = jnp.arange(8.0).reshape(1, 2, 2, 2)
+    m = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+    # voxels (0,0) -> [0, 1], (1,1) -> [6, 7]: mean of 0, 1, 6, 7 = 3.5
+    assert float(losses.masked_mean(v, m)) == pytest.approx(3.5)
+    assert float(losses.masked_mean(v, jnp.zeros_like(m))) == 0.0
+
+
+def _linear_patlak_batch(ki, v0):
+    """Frames that lie exactly on a Patlak line y = ki·x + v0 for every frame with cp > 0."""
+    inp = kk.FengInput(kk.FENG_FDG)
+    x, cp = kk.patlak_x(inp, SCHED)
+    x4, cp4 = x.reshape(1, 1, 1, -1), cp.reshape(1, 1, 1, -1)
+    frames = (ki[..., None] * x4 + v0[..., None]) * cp4  # [B,H,W,T]
+    batch_inp = jax.tree.map(lambda a: jnp.stack([a, a]), inp)
+    xb, cpb = losses.patlak_coordinates(batch_inp, SCHED)
+    return frames, xb, cpb
+
+
+def test_paper_loss_zero_on_exact_patlak_line_and_hand_value():
+    ki = jnp.full((2, 3, 3), 0.03)
+    v0 = jnp.full((2, 3, 3), 0.4)
+    frames, x, cp = _linear_patlak_batch(ki, v0)
+    mask = jnp.ones((2, 3, 3))
+    late, linear = losses.frame_indices(SCHED, 22, 9.0)
+    loss, parts = losses.paper_loss(
+        frames, frames, mask, x, cp, late_idx=late, linear_idx=linear, delta=1.0, lam=2.0
+    )
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    # Raise the last frame by 0.3 SUV everywhere: loss_SUV = huber(0.3)/6 frames = 0.045/6.
+    pred = frames.at[..., -1].add(0.3)
+    loss, parts = losses.paper_loss(
+        pred, frames, mask, x, cp, late_idx=late, linear_idx=linear, delta=1.0, lam=2.0
+    )
+    np.testing.assert_allclose(parts["loss_suv"], 0.5 * 0.3**2 / 6, rtol=1e-5)
+    # Only the last Patlak difference changes, by 0.3 / cp_last; 12 differences in the window.
+    dy = 0.3 / float(cp[0, -1])
+    np.testing.assert_allclose(parts["loss_patlak"], 0.5 * dy**2 / 12, rtol=1e-4)
+    np.testing.assert_allclose(loss, parts["loss_suv"] + 2.0 * parts["loss_patlak"], rtol=1e-6)
+
+
+def test_paper_loss_respects_mask():
+    ki = jnp.full((2, 2, 2), 0.02)
+    frames, x, cp = _linear_patlak_batch(ki, ki * 10)
+    late, linear = losses.frame_indices(SCHED, 22, 9.0)
+    pred = frames.at[:, 0, 0, :].add(5.0)  # error only outside the mask
+    mask = jnp.ones((2, 2, 2)).at[:, 0, 0].set(0.0)
+    loss, _ = losses.paper_loss(
+        pred, frames, mask, x, cp, late_idx=late, linear_idx=linear, delta=1.0, lam=1.0
+    )
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paper_faithful_loss_hand_value():
+    ki = jnp.full((2, 2, 2), 0.03)
+    v0 = jnp.full((2, 2, 2), 0.4)
+    frames, x, cp = _linear_patlak_batch(ki, v0)
+    _, linear = losses.frame_indices(SCHED, 22, 9.0)
+    mask = jnp.ones((2, 2, 2))
+    loss, _ = losses.paper_faithful_loss(frames, frames, mask, x, cp, linear_idx=linear)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    # Shift y of every linear frame by 0.1: points term 10·½·0.01, differences unchanged.
+    pred = frames.at[..., linear].add(0.1 * cp[0, linear].reshape(1, 1, 1, -1))
+    loss, parts = losses.paper_faithful_loss(pred, frames, mask, x, cp, linear_idx=linear)
+    np.testing.assert_allclose(parts["loss_patlak_points"], 0.5 * 0.1**2, rtol=1e-4)
+    np.testing.assert_allclose(parts["loss_patlak"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(loss, 10 * 0.5 * 0.1**2, rtol=1e-4)
+
+
+def test_frame_indices_and_errors():
+    late, linear = losses.frame_indices(SCHED, 22, 9.0)
+    np.testing.assert_array_equal(late, np.arange(22, 28))
+    np.testing.assert_array_equal(linear, np.arange(15, 28))
+    with pytest.raises(ValueError, match="nothing is left to predict"):
+        losses.frame_indices(SCHED, 28, 9.0)
+
+
+def test_gradients_flow_only_through_prediction():
+    ki = jnp.full((2, 2, 2), 0.03)
+    frames, x, cp = _linear_patlak_batch(ki, ki * 10)
+    late, linear = losses.frame_indices(SCHED, 22, 9.0)
+    mask = jnp.ones((2, 2, 2))
+    f = lambda p, t: losses.paper_loss(
+        p, t, mask, x, cp, late_idx=late, linear_idx=linear, delta=1.0, lam=1.0
+    )[0]
+    g_pred, g_true = jax.grad(f, argnums=(0, 1))(frames * 1.1, frames)
+    assert bool(jnp.all(jnp.isfinite(g_pred))) and float(jnp.abs(g_pred).sum()) > 0
+    # The reference slope is a stop-gradient; only loss_SUV depends on the target frames.
+    np.testing.assert_array_equal(np.asarray(g_true[..., :15]), 0.0)
