@@ -1,0 +1,139 @@
+"""kinetix.predict on odd matrix sizes, multi-slice volumes, 22- and 28-frame inputs, bad input."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import kinetix.kinetics as kk
+from configs import smoke
+from kinetix import predict, training
+from kinetix.data import bids
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from kinetix import simulate
+    from kinetix.data.phantom import SimulationConfig
+
+    base = tmp_path_factory.mktemp("predict")
+    simulate.simulate_cohort(
+        base / "cohort",
+        4,
+        0,
+        SimulationConfig(size=16, slices=2, noise="image"),
+        overwrite=True,
+        progress=False,
+        preview=False,
+    )
+    config = smoke.get_config()
+    config.data.root = str(base / "cohort")
+    config.eval.run_after_training = False
+    training.train_and_evaluate(config, base / "run")
+    return base
+
+
+def write_study(root, shape, n_frames, subject="sub-99", with_blood=True):
+    """A small BIDS subject of noise-free frames with an odd matrix size."""
+    rng = np.random.default_rng(0)
+    sched = kk.PAPER_SCHEDULE[:n_frames]
+    params = np.stack(
+        [
+            rng.uniform(0, 0.2, shape),
+            rng.uniform(0.05, 0.5, shape),
+            rng.uniform(0.1, 1, shape),
+            rng.uniform(0.01, 0.2, shape),
+            np.zeros(shape),
+        ],
+        -1,
+    )
+    inp = kk.FengInput(kk.FENG_FDG)
+    frames = np.asarray(kk.pet_frames(params.astype(np.float32), inp, sched)) * 1000.0
+    t = np.concatenate([np.linspace(0, 2, 41), np.linspace(2.5, 70, 60)])
+    cp = np.asarray(inp(t)) * 1000.0
+    pet = bids.write_subject(root, subject, frames, sched, t, cp, cp, 300.0, 70.0, np.eye(4) * 2)
+    if not with_blood:
+        for f in pet.parent.glob("*_blood.*"):
+            f.unlink()
+    return pet
+
+
+@pytest.mark.parametrize("shape, n_frames", [((17, 19, 3), 28), ((16, 16, 5), 22)])
+def test_predict_odd_sizes_and_frame_counts(trained, tmp_path, shape, n_frames):
+    pet = write_study(tmp_path / "bids", shape, n_frames)
+    out = tmp_path / "out"
+    config = training.load_config(trained / "run")
+    graphdef, params = training.restore_params(config, trained / "run")
+    sched = predict.trained_schedule(trained / "run")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    fn = training.make_predict_fn(
+        training.make_eval_step(graphdef, config, sched),
+        params,
+        NamedSharding(training.make_mesh(), P("data")),
+    )
+    study = bids.read_subject(pet)
+    result = predict.predict_study(config, fn, study, sched, batch_slices=4, progress=False)
+    assert result["late"].shape == shape + (6,)
+    assert result["params"].shape == shape + (5,)
+    assert np.all(np.isfinite(result["ki"])) and np.all(np.isfinite(result["late"]))
+    # The parameters respect the configured bounds and reproduce the predicted frames.
+    upper = np.asarray(config.model.bounds_upper)
+    assert np.all(result["params"] >= 0) and np.all(result["params"] <= upper + 1e-6)
+    # A slice predicted alone equals the same slice predicted within the volume.
+    one = bids.Study(**{**study.__dict__, "frames": study.frames[:, :, 1:2]})
+    alone = predict.predict_study(config, fn, one, sched, batch_slices=4, progress=False)
+    np.testing.assert_allclose(
+        alone["late"][:, :, 0], result["late"][:, :, 1], rtol=1e-5, atol=1e-6
+    )
+    paths = predict.write_outputs(result, study, out)
+    ki = nib.load(out / "sub-99_Ki.nii.gz")
+    np.testing.assert_array_equal(ki.affine, study.affine)
+    assert len(paths) == 10
+    with pytest.raises(FileExistsError):
+        predict.write_outputs(result, study, out)
+
+
+def test_predict_cli_and_bad_inputs(trained, tmp_path):
+    pet = write_study(tmp_path / "bids", (16, 16, 2), 28)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kinetix.predict",
+        "--workdir",
+        str(trained / "run"),
+        "--pet",
+        str(pet),
+        "--out",
+        str(tmp_path / "out"),
+        "--batch_slices",
+        "4",
+    ]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "out" / "sub-99_desc-predicted_pet.nii.gz").exists()
+
+    def fails(args, match):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert "kinetix.predict: error:" in r.stderr and match in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+    short = write_study(tmp_path / "short", (16, 16, 2), 20)
+    fails(cmd[:6] + [str(short), "--out", str(tmp_path / "o2")], "has 20 frames")
+    noblood = write_study(tmp_path / "nob", (16, 16, 2), 28, with_blood=False)
+    fails(cmd[:6] + [str(noblood), "--out", str(tmp_path / "o3")], "blood")
+    fails(cmd[:5] + ["--pet", str(pet), "--out", str(tmp_path / "out")], "exists")
+    # A checkpoint that does not belong to the config.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("schedule.json", "checkpoints"):
+        (other / name).symlink_to(trained / "run" / name)
+    cfg = json.loads((trained / "run" / "config.json").read_text())
+    cfg["model"]["head_hidden"] = [32]
+    (other / "config.json").write_text(json.dumps(cfg))
+    fails(cmd[:4] + [str(other), "--pet", str(pet), "--out", str(tmp_path / "o4")], "checkpoint")
