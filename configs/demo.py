@@ -18,13 +18,16 @@ def get_config():
     config.data.sim_slices = 8
     config.data.sim_size = 64
     config.data.sim_noise = "projection"
+    # Counts that put the 30-min Patlak baseline near the paper's ≈22 dB PSNR (KINETICS.md:
+    # aim at that regime); 20e6 (the realistic count level) gives ≈29 dB.
+    config.data.sim_counts_per_slice = 4e6
     config.data.val_fraction = 1 / 12  # 2 validation subjects
     config.data.test_fraction = 1 / 6  # 4 test subjects
     config.data.batch_size = 2
     config.data.input_points = 64
     config.optim.learning_rate = 1e-3
-    config.optim.decay_every = 250
-    config.train.num_steps = 400
+    config.optim.decay_every = 400
+    config.train.num_steps = 600
     config.train.log_every_steps = 20
     config.train.eval_every_steps = 100
     config.train.checkpoint_every_steps = 100

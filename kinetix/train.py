@@ -49,7 +49,14 @@ def main(argv):
         workdir,
     )
     try:
-        result = training.train_and_evaluate(config, workdir)
+        result = training.train_and_evaluate(
+            config,
+            workdir,
+            provenance_kw={
+                "config_file": config_flags.get_config_filename(FLAGS["config"]),
+                "overrides": config_flags.get_override_values(FLAGS["config"]),
+            },
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"kinetix.train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -45,6 +45,12 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         )
     if bs % jax.process_count():
         raise ValueError(f"config.data.batch_size = {bs} must divide by the process count.")
+    ebs, n_local = config.train.eval_batch_size, jax.local_device_count()
+    if ebs < 1 or ebs % n_local:
+        raise ValueError(
+            f"config.train.eval_batch_size = {ebs} must be a positive multiple of the {n_local} "
+            "devices of this process."
+        )
     bad = [w for w in config.model.widths if w <= 0 or w % 16]
     if bad:
         raise ValueError(f"config.model.widths must be positive multiples of 16, got {bad}.")
@@ -254,7 +260,8 @@ def build_cohort(config, workdir: pathlib.Path):
     root = config.data.root
     if not root:
         root = workdir / "data"
-        if not (root / "participants.tsv").exists():
+        # Only process 0 decides and writes; participants.tsv is written last.
+        if jax.process_index() == 0 and not (root / "participants.tsv").exists():
             from kinetix import simulate
             from kinetix.data.phantom import SimulationConfig
 
@@ -265,15 +272,18 @@ def build_cohort(config, workdir: pathlib.Path):
                 size=config.data.sim_size,
                 slices=config.data.sim_slices,
                 noise=config.data.sim_noise,
+                counts_per_slice=config.data.sim_counts_per_slice,
+                noise_scale=config.data.sim_noise_scale,
             )
-            if jax.process_index() == 0:
-                simulate.simulate_cohort(
-                    root, config.data.sim_subjects, config.seed, cfg, overwrite=True
-                )
-            if jax.process_count() > 1:  # the others wait until process 0 has written it
-                from jax.experimental import multihost_utils
+            simulate.simulate_cohort(
+                root, config.data.sim_subjects, config.seed, cfg, overwrite=True
+            )
+        if jax.process_count() > 1:
+            # Every process waits, simulated or not: one that saw participants.tsv and skipped
+            # the barrier would leave process 0 waiting in it forever.
+            from jax.experimental import multihost_utils
 
-                multihost_utils.sync_global_devices("kinetix: simulated cohort written")
+            multihost_utils.sync_global_devices("kinetix: simulated cohort written")
     return pipeline.Cohort.from_bids(root)
 
 
@@ -314,8 +324,17 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
     return total / max(weight, 1.0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-    """Train (resuming from workdir if it holds a checkpoint), then evaluate held-out subjects."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir, provenance_kw: dict | None = None
+) -> dict:
+    """Train (resuming from workdir if it holds a checkpoint), then evaluate held-out subjects.
+
+    Args:
+      config: the resolved config.
+      workdir: the run directory.
+      provenance_kw: passed to `provenance.write` (e.g. `config_file` and `overrides` of the
+        command line, so that `provenance.command_line` can rebuild it).
+    """
     from kinetix import checkpoint, provenance
 
     workdir = pathlib.Path(workdir)
@@ -325,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     validate_config(config, schedule, cohort.shape)
     splits = split_cohort(config, cohort)
     if jax.process_index() == 0:
-        provenance.write(workdir, config, extra={"splits": splits})
+        provenance.write(workdir, config, extra={"splits": splits}, **(provenance_kw or {}))
         (workdir / "splits.json").write_text(json.dumps(splits, indent=1))
         (workdir / "schedule.json").write_text(
             json.dumps(
@@ -438,9 +457,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     if config.eval.run_after_training:
         from kinetix import evaluate
 
-        predict_fn = make_predict_fn(eval_step, state["params"], data_sharding)
-        result["eval"] = evaluate.evaluate_run(config, workdir, cohort, splits["test"], predict_fn)
+        if jax.process_index() == 0:
+            # The evaluation reads every test slice on one host and writes files: process 0 runs
+            # it on its own devices (no collective, so the others need not feed batches).
+            local_mesh = jax.make_mesh(
+                (jax.local_device_count(),),
+                ("data",),
+                axis_types=(jax.sharding.AxisType.Auto,),
+                devices=jax.local_devices(),
+            )
+            params = jax.device_put(local_copy(state["params"]), NamedSharding(local_mesh, P()))
+            predict_fn = make_predict_fn(eval_step, params, NamedSharding(local_mesh, P("data")))
+            result["eval"] = evaluate.evaluate_run(
+                config, workdir, cohort, splits["test"], predict_fn
+            )
+        if jax.process_count() > 1:  # the others wait until the report is written
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("kinetix: evaluation written")
     return result
+
+
+def local_copy(tree):
+    """Host (NumPy) copy of a pytree of fully replicated, possibly multi-process, arrays."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
 def make_predict_fn(eval_step, params, sharding):

@@ -697,12 +697,17 @@ def slice_dataset(
 
         records (subject, z), subjects sorted by cohort index
         -> shuffle(seed)               a new permutation every epoch (seed + epoch)
-        -> [: n - n % shard_count]      equal shard sizes (drops < shard_count per epoch)
-        -> [shard_index::shard_count]   this process's records (disjoint, covering)
-        -> map(Cohort.slice) -> batch(batch_size, drop_remainder=True) -> repeat(num_epochs)
+        -> map(Cohort.slice) -> batch(batch_size, drop_remainder=True)   local-size blocks
+        -> [shard_index : m - m % shard_count : shard_count]   block k·S + shard_index
+        -> repeat(num_epochs)
 
-    Each epoch visits every record of the shard at most once; the last partial batch of each
-    epoch is dropped (fixed shapes), so every process yields the same number of batches.
+    With S = shard_count processes and local batch B, global batch k (B·S examples) is the
+    k-th run of B·S consecutive records of the shuffled stream, and process i takes its i-th
+    block of B. Concatenating the processes' batches in process order therefore gives exactly
+    the batch a single process with `batch_size` B·S reads: the data order does not depend on
+    the process count. Each epoch visits every record at most once; the incomplete global
+    batch at the end of each epoch is dropped (fixed shapes), so every process yields the same
+    number of batches.
 
     Args:
       cohort: the `Cohort`.
@@ -755,9 +760,10 @@ def slice_dataset(
     ds = grain.MapDataset.source(records)
     if shuffle:
         ds = ds.shuffle(seed=int(seed))
-    ds = ds[shard_index : per_shard * shard_count : shard_count]
     ds = ds.map(_LoadSlice(cohort, int(input_points), float(mask_threshold)))
-    ds = ds.batch(int(batch_size), drop_remainder=True)
+    ds = ds.batch(int(batch_size), drop_remainder=True)  # lazy: only this shard's are read
+    n_global = len(ds) // shard_count  # complete global batches per epoch
+    ds = ds[shard_index : n_global * shard_count : shard_count]
     ds = ds.repeat(num_epochs)
     read = grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch)
     ids = ds.to_iter_dataset(read)
