@@ -649,7 +649,8 @@ def report(r: dict, vol_mib: float) -> None:
             f"peak {k['peak_mib']:.0f} MiB (params {k['input_mib']:.0f} + frames "
             f"{k['output_mib']:.0f} MiB included); XLA cost analysis "
             f"{k['flops_per_voxel']:.0f} flop + {k['transcendentals_per_voxel']:.0f} "
-            "transcendental per voxel"
+            "transcendental per voxel (XLA counts a loop body once: the lax.scan over the "
+            "frame edges in FengInput.conv_integral runs once per edge)"
         )
         for name, b in (("fft", fft), ("recursion", rec)):
             print(

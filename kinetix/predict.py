@@ -16,12 +16,18 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Trained run directory (config.json + checkpoints).")
-flags.DEFINE_string("pet", None, "The subject's *_pet.nii.gz (sidecar JSON read automatically).")
-flags.DEFINE_string("blood", None, "Blood TSV (default: the *_blood.tsv next to the PET file).")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("batch_slices", 8, "Slices per forward pass.")
-flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+
+
+def define_flags():
+    """Define the command's flags (at run time, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "Trained run directory (config.json + checkpoints).")
+    flags.DEFINE_string(
+        "pet", None, "The subject's *_pet.nii.gz (sidecar JSON read automatically)."
+    )
+    flags.DEFINE_string("blood", None, "Blood TSV (default: the *_blood.tsv next to the PET file).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_integer("batch_slices", 8, "Slices per forward pass.")
+    flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 
 
 def trained_schedule(workdir):
@@ -193,4 +199,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

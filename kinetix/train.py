@@ -14,9 +14,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags():
+    """Define the command's flags (at run time, so importing this module defines none)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a configs/*.py file.", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+    flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -66,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -406,6 +406,7 @@ def train_and_evaluate(
                 dynamic_ncols=True,
             )
             t_last, s_last = time.perf_counter(), start
+            in_flight = None  # the previous step's metrics: one step runs while the next is fed
             with jax.set_mesh(mesh):
                 for step in range(start + 1, num_steps + 1):
                     batch = shard_batch(next(train_iter), data_sharding)
@@ -416,7 +417,11 @@ def train_and_evaluate(
                     if step == start + 1:
                         jax.block_until_ready(state)
                         logging.info("First step took %.1f s", time.perf_counter() - t0)
-                    bar.update(1)
+                    if in_flight is not None:
+                        # Count finished steps, not dispatched ones (steps run asynchronously).
+                        jax.block_until_ready(in_flight)
+                        bar.update(1)
+                    in_flight = metrics
                     last = step == num_steps
                     if step % config.train.log_every_steps == 0 or last:
                         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -445,6 +450,9 @@ def train_and_evaluate(
                         ckpt.wait()
                         logging.warning("Preemption at step %d: checkpoint written, exiting.", step)
                         return {"preempted_at": step}
+                if in_flight is not None:
+                    jax.block_until_ready(in_flight)
+                    bar.update(1)
             bar.close()
         finally:
             if writer:

@@ -426,3 +426,16 @@ def test_build_model_from_config_objects():
 def test_public_names():
     for name in models.__all__:
         assert hasattr(models, name), name
+
+
+def test_direct_ablation_builds_from_the_default_config():
+    """The kinetic head's 5 `init_params` must not leak into the 6-output direct ablation."""
+    from configs import smoke
+
+    config = smoke.get_config()
+    config.model.kind = "direct"
+    assert len(config.model.init_params) == 5
+    net = build_model(config.model, rngs=0)
+    assert isinstance(net, DirectNet)
+    x = jnp.zeros((1, 16, 16, config.model.n_early), jnp.float32)
+    assert net(x).shape == (1, 16, 16, 6)

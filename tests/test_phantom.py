@@ -226,25 +226,61 @@ def test_input_function_levels(seed):
 
 
 def _ode_frames(theta, fraction, feng, schedule, lam):
-    """Reference frames of one voxel: scipy ODE of the 2TCM with analytic plasma and blood."""
-    fv, k1, k2, k3, k4 = (float(v) for v in theta)
+    """Reference frames of voxels: scipy ODE of the 2TCM with analytic plasma and blood.
+
+    theta [..., 5] (fv, K1, k2, k3, k4) and fraction [...] -> [..., T] decay-corrected frames,
+    float64; all voxels are integrated together (independent states of one linear ODE).
+    """
+    theta = np.asarray(theta, np.float64)
+    batch = theta.shape[:-1]
+    fv, k1, k2, k3, k4 = np.reshape(theta, (-1, 5)).T
+    n = fv.size
     tau = float(feng[6])
 
     def rhs(t, y):
-        cp = _feng(feng, np.array(t))
-        c1, c2, _ = y
+        cp = float(_feng(feng, np.array(t)))
+        c1, c2 = y[:n], y[n : 2 * n]
         pet = (1 - fv) * (c1 + c2) + fv * cp / _ratio(t)
-        return [k1 * cp - (k2 + k3) * c1 + k4 * c2, k3 * c1 - k4 * c2, pet * math.exp(-lam * t)]
+        return np.concatenate(
+            [k1 * cp - (k2 + k3) * c1 + k4 * c2, k3 * c1 - k4 * c2, pet * math.exp(-lam * t)]
+        )
 
     edges = np.unique(np.concatenate([schedule.start, schedule.end]))
     sol = integrate.solve_ivp(
-        rhs, (tau, edges[-1]), [0.0, 0.0, 0.0], method="DOP853", rtol=1e-10, atol=1e-12,
+        rhs, (tau, edges[-1]), np.zeros(3 * n), method="DOP853", rtol=1e-10, atol=1e-12,
         dense_output=True, max_step=0.05,
     )  # fmt: skip
-    cum = np.array([sol.sol(max(e, tau))[2] if e > tau else 0.0 for e in edges])
+    cum = np.stack([sol.sol(e)[2 * n :] if e > tau else np.zeros(n) for e in edges])  # [E, n]
     i0, i1 = np.searchsorted(edges, schedule.start), np.searchsorted(edges, schedule.end)
-    f = kk.decay_correction_factors(schedule, lam)
-    return fraction * (cum[i1] - cum[i0]) * f / schedule.duration
+    # Decay correction to time zero: Δ / ∫_frame e^{−λt} dt.
+    f = lam / (np.exp(-lam * schedule.start) - np.exp(-lam * schedule.end))
+    frames = ((cum[i1] - cum[i0]) * f[:, None]).T  # [n, T]
+    return np.asarray(fraction, np.float64)[..., None] * np.reshape(frames, batch + (-1,))
+
+
+def _patlak_ols(frames, feng, schedule, t_star):
+    """Patlak Ki by NumPy least squares, written out independently of kk.patlak.
+
+    frames [N, T]; frames with mid-time >= t_star; x = ∫0^{t_mid} Cp / frame-mean Cp and
+    y = frame / frame-mean Cp, the Cp integrals by scipy quad of the analytic Feng curve.
+    Returns [N] Ki (1/min).
+    """
+    tau = float(feng[6])
+
+    def cp_integral(a, b):
+        if b <= tau:
+            return 0.0
+        f = lambda t: float(_feng(feng, np.array(t)))  # noqa: E731
+        return integrate.quad(f, max(a, tau), b, limit=200, epsabs=1e-13, epsrel=1e-12)[0]
+
+    mid = 0.5 * (schedule.start + schedule.end)
+    sel = np.nonzero(mid >= t_star)[0]
+    cp_mean = np.array([cp_integral(schedule.start[i], schedule.end[i]) for i in sel])
+    cp_mean /= schedule.end[sel] - schedule.start[sel]
+    x = np.array([cp_integral(0.0, mid[i]) for i in sel]) / cp_mean
+    design = np.stack([x, np.ones_like(x)], axis=1)  # [n, 2]
+    coef = np.linalg.lstsq(design, (frames[:, sel] / cp_mean).T, rcond=None)[0]
+    return coef[0]
 
 
 def test_noisefree_frames_match_an_ode_solution(subject):
@@ -263,15 +299,36 @@ def test_noisefree_frames_match_an_ode_solution(subject):
 def test_patlak_recovers_true_ki_where_the_model_is_irreversible(subject):
     """Patlak (t* = 9 min, 65 min) on the noise-free, unblurred voxel curves with the plasma input.
 
-    Where k4 = 0, the voxel is all tissue and exchange is fast (k2 + k3 > 0.5 /min: myocardium,
-    tumours) Patlak's own bias is below 2 %. For slow, low-uptake tissue (soft tissue, muscle:
-    k2 + k3 ≈ 0.2–0.35 /min, Ki ≈ 0.003 /min) it is −5 to −15 % at t* = 9 min, and k4 > 0 (liver)
-    biases it further down: that is Patlak, not the simulator.
+    1. Every tissue voxel with k4 = 0 and tissue fraction 1 (soft tissue, muscle, myocardium,
+       bone, tumours; blood, fv = 1, has true Ki 0 and no relative bias, and its frames are
+       checked in `test_noisefree_frames_match_an_ode_solution`): Patlak's own relative bias b
+       is computed independently, from the voxel's frames by a scipy ODE solve with the analytic
+       plasma and whole-blood curves (float64) and a NumPy least-squares Patlak fit. The
+       simulator's Patlak Ki must equal ki_true·(1 + b) within 0.1 % of ki_true: the two routes
+       agree to ≈ 3e-5 (float32 frames and fit; interpolation of the sampled whole blood), while
+       b itself spans −11 % (slow tissue) to +0.5 %, and a simulator that used the plasma as the
+       whole-blood curve would miss by 0.1–1 %.
+    2. Where exchange is fast (k2 + k3 > 0.5 /min: myocardium, tumours) Patlak's bias is below
+       2 %, so Patlak recovers ki_true itself within 2 %.
+    3. For slow, low-uptake tissue (muscle: k2 + k3 ≈ 0.2–0.35 /min) the bias is negative and
+       above −25 % at t* = 9 min.
     """
     s = subject
     fit = jax.jit(lambda frames, inp: kk.patlak(frames, inp, CFG.schedule, t_star=9.0)[0])
     ki = np.asarray(fit(s["noisefree"], s["plasma_input"]))
     p = s["params"]
+
+    tissue = (p[..., 4] == 0) & (s["fraction"] == 1) & (s["ki_true"] > 0)
+    assert tissue.sum() >= 100 and len(np.unique(s["labels"][tissue])) >= 4
+    frames = _ode_frames(
+        p[tissue], s["fraction"][tissue], s["feng"], CFG.schedule, CFG.decay_constant
+    )
+    truth = s["ki_true"][tissue].astype(np.float64)
+    bias = _patlak_ols(frames, s["feng"], CFG.schedule, 9.0) / truth - 1.0
+    assert bias.min() < -0.05  # the comparison is not trivial: Patlak is biased here
+    # ki = ki_true·(1 + b) ± 0.1 % of ki_true, i.e. ki / ki_true = 1 + b ± 1e-3.
+    np.testing.assert_allclose(ki[tissue] / truth, 1.0 + bias, rtol=0, atol=1e-3)
+
     sel = (p[..., 4] == 0) & (s["fraction"] == 1) & (p[..., 2] + p[..., 3] > 0.5)
     sel &= s["ki_true"] > 0.005
     assert sel.sum() >= 5

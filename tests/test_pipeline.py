@@ -357,3 +357,22 @@ def test_eval_batches_cover_every_slice_once(cohort):
         pipeline.eval_batches(cohort, subjects, 0)
     with pytest.raises(ValueError, match="sub-00"):
         pipeline.eval_batches(cohort, ["sub-00"], 2)
+
+
+def test_default_cache_holds_a_small_cohort(tmp_path):
+    """By default a cohort that fits in DEFAULT_CACHE_BYTES is decoded once per subject."""
+    from kinetix import simulate
+    from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.pipeline_cohort import DEFAULT_CACHE_SIZE
+
+    n = DEFAULT_CACHE_SIZE + 2
+    simulate.simulate_cohort(
+        tmp_path, n, 0, SimulationConfig(size=16, slices=1, noise="none"),
+        overwrite=True, progress=False, preview=False,
+    )  # fmt: skip
+    c = pipeline.Cohort.from_bids(tmp_path)
+    assert c._cache_size >= n
+    for _ in range(2):
+        for s in c.subjects:
+            c.slice(s, 0)
+    assert len(c._cache) == n  # nothing evicted: every subject decoded once

@@ -142,3 +142,14 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path):
         "shape",
         clean=False,
     )
+
+
+def test_entry_point_modules_import_together():
+    """Importing the commands defines no flags, so a program can import all of them."""
+    code = (
+        "import kinetix.train, kinetix.predict, kinetix.evaluate, kinetix.simulate, "
+        "kinetix.parametric; from absl import flags; "
+        "assert 'workdir' not in flags.FLAGS and 'pet' not in flags.FLAGS"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

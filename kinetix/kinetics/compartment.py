@@ -24,6 +24,7 @@ import numpy as np
 from kinetix.kinetics.frames import F18_DECAY_CONSTANT, FrameSchedule
 
 PARAM_NAMES = ("fv", "K1", "k2", "k3", "k4")
+_SAME_EDGE_MIN = 1e-9  # frame boundaries closer than this (min) are one boundary
 
 
 def _check_params(params):
@@ -69,7 +70,8 @@ def eigen_decomposition(K1, k2, k3, k4):
     alpha1 = jnp.where(den > 0, 2.0 * k2 * k4 / jnp.where(den > 0, den, 1.0), 0.0)
     alpha2 = s - alpha1
     frac = jnp.where(gap > 0, (k2 - alpha1) / jnp.where(gap > 0, gap, 1.0), 0.5)
-    b = K1 * jnp.clip(frac, 0.0, 1.0)
+    # Not jnp.clip: at k3 = 0 frac sits exactly on a bound, where clip halves the gradient.
+    b = K1 * jnp.where(frac > 1.0, 1.0, jnp.where(frac < 0.0, 0.0, frac))
     return alpha1, alpha2, K1 - b, b
 
 
@@ -107,8 +109,12 @@ def _frame_operator(schedule: FrameSchedule, decay_constant: float):
     if decay_constant < 0:
         raise ValueError(f"decay_constant must be >= 0, got {decay_constant}.")
     edges, i_start, i_end = schedule.edges()
+    # Contiguous frames give boundaries that differ only by rounding (start[i + 1] vs end[i]);
+    # merge them, so each boundary is evaluated once.
+    keep = np.concatenate([[True], np.diff(edges) > _SAME_EDGE_MIN])
+    slot = np.cumsum(keep) - 1
     scale = schedule.decay_factors(decay_constant) / schedule.duration
-    return edges, i_start, i_end, scale
+    return edges[keep], slot[i_start], slot[i_end], scale
 
 
 def blood_frames(inp, schedule: FrameSchedule, decay_constant: float = F18_DECAY_CONSTANT):
@@ -142,7 +148,7 @@ def pet_frames(
     fv, K1, k2, k3, k4 = _split(params)
     a1, a2, wa, wb = eigen_decomposition(K1, k2, k3, k4)
     beta = jnp.stack([a1, a2], axis=-1) + lam  # [..., 2]
-    _, integ = inp.conv(beta, jnp.asarray(edges, fv.dtype), lam)  # [..., 2, E]
+    integ = inp.conv_integral(beta, jnp.asarray(edges, fv.dtype), lam)  # [..., 2, E]
     per_rate = integ[..., i_end] - integ[..., i_start]  # [..., 2, T]
     tissue = wa[..., None] * per_rate[..., 0, :] + wb[..., None] * per_rate[..., 1, :]
     src = inp if blood is None else blood

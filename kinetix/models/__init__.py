@@ -93,7 +93,8 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
       bounds_lower, bounds_upper: kinetic + scaled_sigmoid only: 5 numbers each for
         (fv, K1, k2, k3, k4) in (1, mL/min/mL, 1/min, 1/min, 1/min); default
         `DEFAULT_LOWER` = 0 and `DEFAULT_UPPER` = (1, 2, 3, 1, 0.2). None means the default.
-      init_params: values the final bias maps to (default None: mid-range, zero bias).
+      init_params: kinetic only, the 5 parameter values the final bias maps to (default None:
+        mid-range, zero bias); the direct ablation ignores it (zero final bias).
       n_late: direct only, predicted late frames (default 6).
       dtype: computation dtype name or dtype, e.g. ``'bfloat16'`` (default None: float32).
 
@@ -115,12 +116,12 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
         widths=tuple(_get(config, "widths", PAPER_WIDTHS)),
         residual=bool(_get(config, "residual", True)),
         head_hidden=tuple(_get(config, "head_hidden", PAPER_HEAD_HIDDEN)),
-        init_params=_tuple_or_none(_get(config, "init_params", None)),
         dtype=_dtype_or_none(_get(config, "dtype", None)),
         rngs=rngs,
     )
     if kind == "direct":
         return DirectNet(n_late=int(_get(config, "n_late", 6)), **common)
+    common["init_params"] = _tuple_or_none(_get(config, "init_params", None))
     activation = _get(config, "activation", "scaled_sigmoid")
     bounds = None
     if activation == "scaled_sigmoid":

@@ -1,0 +1,378 @@
+"""BIDS-PET readers: dataset discovery, `participants.tsv` and one subject's scan (`read_subject`).
+
+`read_subject` is the only place where kinetix turns BIDS seconds and Bq/mL into minutes and SUV
+(see the `kinetix.data.bids` module docstring for the conversions). Import these names from
+`kinetix.data.bids`.
+"""
+
+import glob
+import math
+import pathlib
+from collections.abc import Mapping
+
+import nibabel as nib
+import numpy as np
+
+from kinetix.data.bids_study import (
+    DOSE_UNITS,
+    IMAGE_UNITS,
+    BidsError,
+    Study,
+    _bool,
+    _cell_value,
+    _float_column,
+    _half_life_min,
+    _load_json,
+    _nifti_stem,
+    _number,
+    _number_list,
+    _read_tsv,
+    _require,
+    _subject_from_name,
+    _unit,
+)
+from kinetix.kinetics.frames import FrameSchedule
+
+MAX_FRAME_START_S = 1e5
+"""Frame start times above this (s) look like clock times (hhmmss) or milliseconds."""
+
+MAX_SCAN_S = 24 * 3600.0
+"""Scans (or blood curves) longer than 24 h are taken as a units mistake."""
+
+BLOOD_COVER_RTOL = 0.01
+"""The last blood sample may end this fraction of the scan end time before the last frame ends."""
+
+MAX_BODY_WEIGHT_KG = 1000.0
+"""`BodyWeight` above this is taken as grams given where kg are expected."""
+
+_TIME_TOL_S = 1e-6  # frame overlap tolerance (s), well inside FrameSchedule's 1e-9 min
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset-level readers
+# ------------------------------------------------------------------------------------------------
+def find_subjects(root) -> list[pathlib.Path]:
+    """All PET images of a BIDS dataset, sorted.
+
+    Matches `sub-*/pet/*_pet.nii[.gz]` and `sub-*/ses-*/pet/*_pet.nii[.gz]` under `root`.
+
+    Raises:
+      BidsError: if `root` does not exist or holds no PET images.
+    """
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise BidsError(f"The BIDS root {root} does not exist or is not a directory.")
+    found = set()
+    for pattern in ("sub-*/pet/*_pet.nii.gz", "sub-*/ses-*/pet/*_pet.nii.gz"):
+        found.update(root.glob(pattern))
+        found.update(root.glob(pattern[: -len(".gz")]))
+    if not found:
+        raise BidsError(f"The BIDS root {root} holds no sub-*/pet/*_pet.nii.gz images.")
+    return sorted(found)
+
+
+def read_participants(root) -> dict[str, dict]:
+    """`participants.tsv` of a BIDS root as {participant_id: {column: value}}.
+
+    Values are floats where they parse as numbers, None for 'n/a', strings otherwise. BIDS puts
+    body weight in the `weight` column (kg).
+
+    Raises:
+      BidsError: if the file is missing or lacks the `participant_id` column.
+    """
+    path = pathlib.Path(root) / "participants.tsv"
+    columns = _read_tsv(path)
+    if "participant_id" not in columns:
+        raise BidsError(f"{path} lacks the required column 'participant_id'.")
+    ids = columns["participant_id"]
+    return {
+        pid: {name: _cell_value(cells[i]) for name, cells in columns.items()}
+        for i, pid in enumerate(ids)
+    }
+
+
+def _find_participants(pet_path: pathlib.Path) -> pathlib.Path | None:
+    """participants.tsv of the dataset holding `sub-XX/[ses-YY/]pet/<image>`, if any."""
+    for parent in list(pet_path.parents)[1:4]:
+        if (parent / "participants.tsv").is_file():
+            return parent / "participants.tsv"
+        if (parent / "dataset_description.json").is_file():
+            return None  # the dataset root, without participants.tsv
+    return None
+
+
+def _body_weight_kg(
+    sidecar: Mapping, sidecar_path: pathlib.Path, pet_path: pathlib.Path, subject: str
+) -> float:
+    if sidecar.get("BodyWeight") is not None:
+        weight = _number(sidecar["BodyWeight"], "BodyWeight", sidecar_path, positive=True)
+        where, key = sidecar_path, "BodyWeight"
+    else:
+        participants = _find_participants(pet_path)
+        row = read_participants(participants.parent).get(subject) if participants else None
+        value = None
+        if row is not None:
+            value = row.get("weight", row.get("BodyWeight"))
+        if value is None:
+            where = (
+                f"{participants} has no 'weight'"
+                if participants
+                else "no participants.tsv with a 'weight' column was found"
+            )
+            raise BidsError(
+                f"{sidecar_path} lacks the required key 'BodyWeight' (kg) and {where} for "
+                f"{subject}."
+            )
+        weight = _number(value, "weight", participants, positive=True)
+        where, key = participants, "weight"
+    if weight > MAX_BODY_WEIGHT_KG:
+        raise BidsError(
+            f"{where} key '{key}' is {weight}, which looks like grams; BIDS body weight is in kg."
+        )
+    return weight
+
+
+# ------------------------------------------------------------------------------------------------
+# Subject reader
+# ------------------------------------------------------------------------------------------------
+def _suv_factor(
+    sidecar: Mapping, path: pathlib.Path, pet_path: pathlib.Path, subject: str
+) -> tuple[float, float, float]:
+    """(SUV factor [g/Bq], image unit -> Bq/mL factor, decay constant [1/min]) from a sidecar.
+
+    The dose is decay-corrected from `InjectionStart` to `ImageDecayCorrectionTime` (module
+    docstring); both default to 0 s after TimeZero.
+    """
+
+    def req(key):
+        return _require(sidecar, key, path)
+
+    if not _bool(req("ImageDecayCorrected"), "ImageDecayCorrected", path):
+        raise BidsError(
+            f"{path} key 'ImageDecayCorrected' is false; kinetix expects images decay-corrected "
+            "to TimeZero (apply DecayCorrectionFactor first)."
+        )
+    image_scale = _unit(req("Units"), IMAGE_UNITS, "Units", path)
+    dose = _number(req("InjectedRadioactivity"), "InjectedRadioactivity", path, positive=True)
+    units = req("InjectedRadioactivityUnits")
+    dose_bq = dose * _unit(units, DOSE_UNITS, "InjectedRadioactivityUnits", path)
+    decay_constant = math.log(2.0) / _half_life_min(
+        req("TracerRadionuclide"), "TracerRadionuclide", path
+    )
+    t_inj = _number(sidecar.get("InjectionStart", 0.0), "InjectionStart", path)
+    t_ref = _number(sidecar.get("ImageDecayCorrectionTime", 0.0), "ImageDecayCorrectionTime", path)
+    dose_ref_bq = dose_bq * math.exp(-decay_constant * (t_ref - t_inj) / 60.0)
+    weight_kg = _body_weight_kg(sidecar, path, pet_path, subject)
+    return weight_kg * 1000.0 / dose_ref_bq, image_scale, decay_constant
+
+
+def _read_schedule(
+    sidecar: Mapping, path: pathlib.Path, n_frames: int, pet_path: pathlib.Path
+) -> FrameSchedule:
+    start = _number_list(_require(sidecar, "FrameTimesStart", path), "FrameTimesStart", path)
+    dur = _number_list(_require(sidecar, "FrameDuration", path), "FrameDuration", path)
+    if start.size != dur.size:
+        raise BidsError(
+            f"{path} key 'FrameDuration' has {dur.size} entries but 'FrameTimesStart' has "
+            f"{start.size}."
+        )
+    if start.size != n_frames:
+        raise BidsError(
+            f"{path} keys 'FrameTimesStart'/'FrameDuration' list {start.size} frames but "
+            f"{pet_path.name} has {n_frames} (its 4th dimension)."
+        )
+    if np.any(dur <= 0):
+        i = int(np.nonzero(dur <= 0)[0][0])
+        raise BidsError(f"{path} key 'FrameDuration' entry {i} is {dur[i]} s, not positive.")
+    if np.max(np.abs(start)) > MAX_FRAME_START_S:
+        raise BidsError(
+            f"{path} key 'FrameTimesStart' has values up to {np.max(np.abs(start)):.6g}, which "
+            "look like clock times or milliseconds; BIDS wants seconds from TimeZero."
+        )
+    end = start + dur
+    if end[-1] > MAX_SCAN_S:
+        raise BidsError(
+            f"{path} keys 'FrameTimesStart'/'FrameDuration' describe a scan ending at "
+            f"{end[-1]:.6g} s (over 24 h); frame times and durations must be in seconds."
+        )
+    if start[0] < 0:
+        raise BidsError(
+            f"{path} key 'FrameTimesStart' starts at {start[0]} s, before TimeZero; kinetix "
+            "needs frame times >= 0."
+        )
+    bad = np.nonzero(start[1:] < end[:-1] - _TIME_TOL_S)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise BidsError(
+            f"{path} keys 'FrameTimesStart'/'FrameDuration' are not increasing or overlap: "
+            f"frame {i + 1} starts at {start[i + 1]} s before frame {i} ends at {end[i]} s."
+        )
+    try:
+        return FrameSchedule.from_seconds(start, dur)
+    except ValueError as err:
+        raise BidsError(f"{path} keys 'FrameTimesStart'/'FrameDuration': {err}") from err
+
+
+def _find_blood(pet_path: pathlib.Path) -> pathlib.Path:
+    stem = _nifti_stem(pet_path)
+    prefix = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+    pattern = f"{glob.escape(prefix)}_recording-*_blood.tsv"
+    found = sorted(pet_path.parent.glob(pattern))
+    if len(found) > 1:
+        manual = [p for p in found if "_recording-manual_" in p.name]
+        found = manual if len(manual) == 1 else found
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise BidsError(
+            f"No blood file {pattern} lies next to {pet_path}; pass blood_path explicitly."
+        )
+    raise BidsError(
+        f"Several blood files match {pattern} next to {pet_path} "
+        f"({', '.join(p.name for p in found)}); pass blood_path explicitly."
+    )
+
+
+def _blood_units(column: str, meta: Mapping, meta_path: pathlib.Path) -> float:
+    entry = meta.get(column)
+    if not isinstance(entry, Mapping) or entry.get("Units") is None:
+        return 1.0  # no description: Bq/mL, as kinetix writes
+    return _unit(entry["Units"], IMAGE_UNITS, f"{column}.Units", meta_path)
+
+
+def _read_blood(blood_path: pathlib.Path, scan_end_s: float):
+    """(times [K] s, plasma [K] Bq/mL, whole blood [K] Bq/mL or None), validated."""
+    columns = _read_tsv(blood_path)
+    for column in ("time", "plasma_radioactivity"):
+        if column not in columns:
+            raise BidsError(f"{blood_path} lacks the required column '{column}'.")
+    meta_path = blood_path.with_name(blood_path.name[: -len(".tsv")] + ".json")
+    meta = _load_json(meta_path, "blood sidecar") if meta_path.is_file() else {}
+    time_meta = meta.get("time")
+    if isinstance(time_meta, Mapping) and time_meta.get("Units") not in (None, "s"):
+        raise BidsError(
+            f"{meta_path} key 'time.Units' is {time_meta.get('Units')!r}; kinetix reads blood "
+            "times in seconds ('s') as BIDS specifies."
+        )
+    times = _float_column(columns["time"], "time", blood_path)
+    if times.size < 2 or not np.all(np.isfinite(times)):
+        raise BidsError(f"{blood_path} column 'time' needs at least 2 finite sample times (s).")
+    if np.any(np.diff(times) <= 0):
+        i = int(np.nonzero(np.diff(times) <= 0)[0][0])
+        raise BidsError(
+            f"{blood_path} column 'time' is not strictly increasing (sample {i + 2} at "
+            f"{times[i + 1]} s follows {times[i]} s)."
+        )
+    if times[0] < 0:
+        raise BidsError(
+            f"{blood_path} column 'time' starts at {times[0]} s, before TimeZero; kinetix "
+            "needs blood times >= 0."
+        )
+    if times[-1] > MAX_SCAN_S:
+        raise BidsError(
+            f"{blood_path} column 'time' reaches {times[-1]:.6g}, over 24 h in seconds; blood "
+            "times must be seconds from TimeZero, not clock times or milliseconds."
+        )
+    plasma = _float_column(columns["plasma_radioactivity"], "plasma_radioactivity", blood_path)
+    plasma = plasma * _blood_units("plasma_radioactivity", meta, meta_path)
+    keep = ~np.isnan(plasma)  # BIDS 'n/a': rows where only whole blood was measured
+    if np.count_nonzero(keep) < 2 or not np.all(np.isfinite(plasma[keep])):
+        raise BidsError(
+            f"{blood_path} column 'plasma_radioactivity' needs at least 2 finite values."
+        )
+    t_plasma = times[keep]
+    if t_plasma[-1] < scan_end_s * (1.0 - BLOOD_COVER_RTOL):
+        raise BidsError(
+            f"{blood_path} column 'time' ends with plasma at {t_plasma[-1]:.6g} s, before the "
+            f"scan ends at {scan_end_s:.6g} s (were blood times written in minutes?)."
+        )
+    whole = None
+    if "whole_blood_radioactivity" in columns:
+        wb = _float_column(
+            columns["whole_blood_radioactivity"], "whole_blood_radioactivity", blood_path
+        )
+        wb = wb * _blood_units("whole_blood_radioactivity", meta, meta_path)
+        ok = np.isfinite(wb)
+        if np.count_nonzero(ok) >= 2:
+            # Whole blood missing at some plasma rows: linear interpolation in time.
+            whole = np.where(ok[keep], wb[keep], np.interp(t_plasma, times[ok], wb[ok]))
+    return t_plasma, plasma[keep], whole
+
+
+def read_subject(pet_path, blood_path=None) -> Study:
+    """Reads and validates one BIDS-PET scan, converted to SUV and minutes.
+
+    Args:
+      pet_path: a `*_pet.nii.gz` (or `.nii`); its sidecar is the same stem with `.json`.
+      blood_path: the blood TSV; default: the `*_recording-*_blood.tsv` next to the image with
+        the same entities (`recording-manual` preferred when several exist). Its optional
+        `.json` gives column units (default Bq/mL; times must be seconds).
+
+    Returns:
+      A `Study`: frames [X, Y, Z, T] (SUV), schedule (min), plasma/whole blood (min, SUV).
+
+    Raises:
+      BidsError: on a missing file or key, unknown units, inconsistent frame counts, a non-4-D
+        image, non-finite voxels, non-decay-corrected images, frame or blood times that are not
+        increasing or look like clock times / minutes, or blood that ends before the scan.
+    """
+    pet_path = pathlib.Path(pet_path)
+    if not pet_path.is_file():
+        raise BidsError(f"The PET image {pet_path} does not exist.")
+    stem = _nifti_stem(pet_path)
+    subject = _subject_from_name(stem)
+    sidecar_path = pet_path.with_name(stem + ".json")
+    sidecar = _load_json(sidecar_path, "PET sidecar")
+
+    try:
+        img = nib.load(pet_path)
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise BidsError(f"{pet_path} cannot be read as NIfTI ({err}).") from err
+    if len(img.shape) != 4:
+        raise BidsError(
+            f"{pet_path} is {len(img.shape)}-D with shape {tuple(img.shape)}; kinetix needs a "
+            "4-D dynamic image [X, Y, Z, T]."
+        )
+
+    # Sidecar keys, cheapest first.
+    schedule = _read_schedule(sidecar, sidecar_path, int(img.shape[3]), pet_path)
+    suv_factor, image_scale, decay_constant = _suv_factor(sidecar, sidecar_path, pet_path, subject)
+
+    if "DecayCorrectionFactor" in sidecar:
+        factors = _number_list(
+            sidecar["DecayCorrectionFactor"], "DecayCorrectionFactor", sidecar_path, unit=""
+        )
+        if factors.size != schedule.n_frames:
+            raise BidsError(
+                f"{sidecar_path} key 'DecayCorrectionFactor' has {factors.size} entries for "
+                f"{schedule.n_frames} frames."
+            )
+
+    blood_path = _find_blood(pet_path) if blood_path is None else pathlib.Path(blood_path)
+    t_s, plasma_bqml, whole_bqml = _read_blood(blood_path, float(schedule.end[-1]) * 60.0)
+
+    data = img.get_fdata(dtype=np.float32, caching="unchanged")  # scaling applied
+    n_nan = int(np.count_nonzero(np.isnan(data)))
+    n_inf = int(np.count_nonzero(np.isinf(data)))
+    if n_nan or n_inf:
+        raise BidsError(
+            f"{pet_path} has {n_nan + n_inf} non-finite voxel values ({n_nan} NaN, {n_inf} "
+            "infinite); kinetix needs finite images."
+        )
+    frames = data * np.float32(image_scale * suv_factor)  # [X, Y, Z, T] SUV
+
+    return Study(
+        frames=frames,
+        schedule=schedule,
+        plasma_times=t_s / 60.0,
+        plasma=plasma_bqml * suv_factor,
+        whole_blood=None if whole_bqml is None else whole_bqml * suv_factor,
+        suv_factor=suv_factor,
+        affine=np.asarray(img.affine, dtype=np.float64),
+        header=img.header.copy(),
+        subject=subject,
+        pet_path=pet_path,
+        sidecar=sidecar,
+        decay_constant=decay_constant,
+        blood_path=blood_path,
+    )

@@ -1,0 +1,370 @@
+"""BIDS-PET writers: one subject's scan, `participants.tsv`, `dataset_description.json`, maps.
+
+Writes the layout that `kinetix.data.bids_read.read_subject` reads (see the `kinetix.data.bids`
+module docstring), plus the NIfTI / JSON / TSV helpers that `bids_truth` reuses. Import these
+names from `kinetix.data.bids`.
+"""
+
+import importlib.metadata
+import json
+import math
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from kinetix.data.bids_study import Study, _is_number
+from kinetix.kinetics.frames import FrameSchedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers
+# ------------------------------------------------------------------------------------------------
+def _subject_label(subject: str) -> str:
+    label = subject[len("sub-") :] if subject.startswith("sub-") else subject
+    if not re.fullmatch(r"[A-Za-z0-9]+", label):
+        raise ValueError(f"subject must look like 'sub-01' (alphanumeric label), got {subject!r}.")
+    return "sub-" + label
+
+
+def _check_free(paths: Sequence[pathlib.Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | np.bool_):
+        return "true" if value else "false"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    value = float(value)
+    return "n/a" if math.isnan(value) else repr(value)
+
+
+def _write_tsv(path: pathlib.Path, columns: Mapping[str, Sequence]) -> None:
+    names = list(columns)
+    n_rows = {len(v) for v in columns.values()}
+    if len(n_rows) != 1:
+        raise ValueError(f"All columns written to {path} must have the same length.")
+    lines = ["\t".join(names)]
+    for i in range(n_rows.pop()):
+        lines.append("\t".join(_format_cell(columns[n][i]) for n in names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _descrip(text: str) -> bytes:
+    return text.encode("ascii", "replace")[:79]
+
+
+def _save_nifti(
+    path: pathlib.Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    dtype,
+    description: str,
+    header: nib.Nifti1Header | None = None,
+    intent: str = "none",
+    intent_name: str = "",
+) -> None:
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
+    hdr = img.header
+    hdr.set_data_dtype(dtype)
+    if header is None:
+        hdr.set_xyzt_units("mm", "sec")
+    hdr["descrip"] = _descrip(description)
+    hdr.set_intent(intent, name=intent_name[:15])
+    hdr["cal_min"] = 0.0
+    hdr["cal_max"] = 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def _check_affine(affine) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"affine must be a finite [4, 4] array, got shape {affine.shape}.")
+    return affine
+
+
+def _kinetix_version() -> str:
+    try:
+        return importlib.metadata.version("kinetix")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_subject(
+    root,
+    subject: str,
+    frames_bqml,
+    schedule: FrameSchedule,
+    plasma_times_min,
+    plasma_bqml,
+    whole_blood_bqml,
+    injected_mbq: float,
+    body_weight_kg: float,
+    affine,
+    extra_sidecar: Mapping | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes one subject's FDG scan in the BIDS-PET layout that `read_subject` reads.
+
+    Files: `sub-XX/pet/sub-XX_pet.nii.gz` (float32), `sub-XX_pet.json`,
+    `sub-XX_recording-manual_blood.tsv` and `.json`. The image is taken as decay-corrected to
+    TimeZero = injection (`InjectionStart = ScanStart = ImageDecayCorrectionTime = 0`);
+    `DecayCorrectionFactor` is `schedule.decay_factors()` (F-18).
+
+    Args:
+      root: BIDS root directory (created if needed).
+      subject: "sub-01" or "01".
+      frames_bqml: [X, Y, Z, T] decay-corrected activity (Bq/mL), finite.
+      schedule: T frames (min); written as seconds rounded to 1 µs.
+      plasma_times_min: [K] blood sample times (min).
+      plasma_bqml: [K] plasma activity (Bq/mL).
+      whole_blood_bqml: [K] whole-blood activity (Bq/mL), or None.
+      injected_mbq: injected dose (MBq) at injection.
+      body_weight_kg: body weight (kg).
+      affine: [4, 4] voxel-to-world (mm).
+      extra_sidecar: keys added to (or replacing) the `_pet.json` defaults.
+      overwrite: replace existing files; otherwise an existing file raises FileExistsError.
+
+    Returns:
+      The path of the written `_pet.nii.gz`.
+    """
+    sub = _subject_label(subject)
+    frames = np.asarray(frames_bqml, dtype=np.float32)
+    if frames.ndim != 4 or frames.shape[-1] != schedule.n_frames:
+        raise ValueError(
+            f"frames_bqml must be [X, Y, Z, T] with T = {schedule.n_frames} frames, got shape "
+            f"{frames.shape}."
+        )
+    if not np.all(np.isfinite(frames)):
+        raise ValueError("frames_bqml has non-finite values.")
+    times = np.asarray(plasma_times_min, dtype=np.float64)
+    plasma = np.asarray(plasma_bqml, dtype=np.float64)
+    if times.ndim != 1 or plasma.shape != times.shape:
+        raise ValueError(
+            f"plasma_times_min and plasma_bqml must be 1-D of equal length, got {times.shape} "
+            f"and {plasma.shape}."
+        )
+    whole = None
+    if whole_blood_bqml is not None:
+        whole = np.asarray(whole_blood_bqml, dtype=np.float64)
+        if whole.shape != times.shape:
+            raise ValueError(
+                f"whole_blood_bqml must match plasma_times_min {times.shape}, got {whole.shape}."
+            )
+    if not (_is_number(injected_mbq) and injected_mbq > 0):
+        raise ValueError(f"injected_mbq must be a positive number, got {injected_mbq!r}.")
+    if not (_is_number(body_weight_kg) and body_weight_kg > 0):
+        raise ValueError(f"body_weight_kg must be a positive number, got {body_weight_kg!r}.")
+    affine = _check_affine(affine)
+
+    pet_dir = pathlib.Path(root) / sub / "pet"
+    pet_path = pet_dir / f"{sub}_pet.nii.gz"
+    json_path = pet_dir / f"{sub}_pet.json"
+    blood_tsv = pet_dir / f"{sub}_recording-manual_blood.tsv"
+    blood_json = pet_dir / f"{sub}_recording-manual_blood.json"
+    _check_free([pet_path, json_path, blood_tsv, blood_json], overwrite)
+
+    start_s = np.round(schedule.start * 60.0, 6)
+    dur_s = np.round(np.round(schedule.end * 60.0, 6) - start_s, 6)
+    sidecar = {
+        "Manufacturer": "kinetix",
+        "ManufacturersModelName": "simulation",
+        "Units": "Bq/mL",
+        "TracerName": "FDG",
+        "TracerRadionuclide": "F18",
+        "ModeOfAdministration": "bolus",
+        "InjectedRadioactivity": float(injected_mbq),
+        "InjectedRadioactivityUnits": "MBq",
+        "InjectedMass": "n/a",
+        "InjectedMassUnits": "n/a",
+        "SpecificRadioactivity": "n/a",
+        "SpecificRadioactivityUnits": "n/a",
+        "BodyWeight": float(body_weight_kg),
+        "TimeZero": "00:00:00",
+        "ScanStart": 0,
+        "InjectionStart": 0,
+        "FrameTimesStart": [float(x) for x in start_s],
+        "FrameDuration": [float(x) for x in dur_s],
+        "AcquisitionMode": "list mode",
+        "ImageDecayCorrected": True,
+        "ImageDecayCorrectionTime": 0,
+        "DecayCorrectionFactor": [float(x) for x in schedule.decay_factors()],
+        "ReconMethodName": "none (simulated)",
+        "ReconMethodParameterLabels": ["none"],
+        "ReconMethodParameterUnits": ["none"],
+        "ReconMethodParameterValues": [0],
+        "ReconFilterType": "none",
+        "ReconFilterSize": 0,
+        "AttenuationCorrection": "none (simulated)",
+    }
+    sidecar.update(dict(extra_sidecar or {}))
+
+    _save_nifti(
+        pet_path, frames, affine, np.float32, "kinetix PET Bq/mL decay-corrected to TimeZero"
+    )
+    _write_json(json_path, sidecar)
+    blood_columns = {"time": times * 60.0, "plasma_radioactivity": plasma}
+    if whole is not None:
+        blood_columns["whole_blood_radioactivity"] = whole
+    _write_tsv(blood_tsv, blood_columns)
+    desc = {
+        "PlasmaAvail": True,
+        "WholeBloodAvail": whole is not None,
+        "MetaboliteAvail": False,
+        "DispersionCorrected": False,
+        "time": {
+            "Description": "Time in relation to TimeZero defined in the _pet.json",
+            "Units": "s",
+        },
+        "plasma_radioactivity": {
+            "Description": "Radioactivity in plasma (the input function), decay-corrected to "
+            "TimeZero",
+            "Units": "Bq/mL",
+        },
+    }
+    if whole is not None:
+        desc["whole_blood_radioactivity"] = {
+            "Description": "Radioactivity in whole blood, decay-corrected to TimeZero",
+            "Units": "Bq/mL",
+        }
+    _write_json(blood_json, desc)
+    return pet_path
+
+
+_PARTICIPANT_COLUMNS = {
+    "participant_id": {"Description": "Participant identifier"},
+    "weight": {"Description": "Body weight", "Units": "kg"},
+    "age": {"Description": "Age", "Units": "year"},
+    "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female", "O": "other"}},
+    "split": {"Description": "kinetix data split (train, val or test)"},
+}
+
+
+def write_participants(
+    root, rows: Sequence[Mapping[str, object]], overwrite: bool = False
+) -> pathlib.Path:
+    """Writes `participants.tsv` (+ `participants.json` for the known columns).
+
+    Args:
+      root: BIDS root directory.
+      rows: one mapping per subject; `participant_id` ("sub-01") is required, `weight` is kg;
+        columns are the union of keys (participant_id first), missing cells 'n/a'.
+      overwrite: replace existing files.
+
+    Returns:
+      The path of `participants.tsv`.
+    """
+    root = pathlib.Path(root)
+    if not rows:
+        raise ValueError("rows must hold at least one participant.")
+    names = ["participant_id"]
+    for row in rows:
+        if "participant_id" not in row:
+            raise ValueError(f"Every row needs a 'participant_id', got keys {sorted(row)}.")
+        names.extend(k for k in row if k not in names)
+    tsv, js = root / "participants.tsv", root / "participants.json"
+    _check_free([tsv, js], overwrite)
+    _write_tsv(tsv, {name: [row.get(name) for row in rows] for name in names})
+    _write_json(js, {n: _PARTICIPANT_COLUMNS[n] for n in names if n in _PARTICIPANT_COLUMNS})
+    return tsv
+
+
+def write_dataset_description(
+    root, name: str = "kinetix simulated FDG cohort", overwrite: bool = False
+) -> pathlib.Path:
+    """Writes `dataset_description.json` of a raw BIDS dataset; returns its path."""
+    path = pathlib.Path(root) / "dataset_description.json"
+    _check_free([path], overwrite)
+    _write_json(
+        path,
+        {
+            "Name": name,
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "raw",
+            "GeneratedBy": [{"Name": "kinetix", "Version": _kinetix_version()}],
+        },
+    )
+    return path
+
+
+def _like_to_header(like) -> tuple[nib.Nifti1Header, np.ndarray]:
+    if isinstance(like, Study):
+        header, affine = like.header, like.affine
+    elif hasattr(like, "header") and hasattr(like, "affine"):
+        header, affine = like.header, like.affine
+    elif isinstance(like, tuple) and len(like) == 2:
+        header, affine = like
+    else:
+        raise ValueError(
+            "like must be a Study, a nibabel image or a (header, affine) tuple, got "
+            f"{type(like).__name__}."
+        )
+    return nib.Nifti1Header.from_header(header), _check_affine(affine)
+
+
+def write_map(
+    path,
+    data,
+    like,
+    *,
+    description: str | None = None,
+    intent_name: str = "",
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes a 3-D map or 4-D series on the grid of `like`, keeping its affine and header.
+
+    The header is copied (voxel sizes, units, qform/sform codes, orientation); the data type is
+    set to float32, `descrip` to `description`, the intent to NIFTI "estimate" (named
+    `intent_name`, e.g. "Ki") for 3-D maps and "none" for 4-D series, and the display range
+    (`cal_min/max`) is reset.
+
+    Args:
+      path: output `.nii.gz` (parent directories are created).
+      data: [X, Y, Z] or [X, Y, Z, T] values (any units; say which in `description`).
+      like: a `Study`, a nibabel image, or a (header, affine) tuple on the same [X, Y, Z] grid.
+      description: NIfTI `descrip` (at most 79 ASCII characters are kept).
+      intent_name: NIfTI intent name for 3-D maps (at most 15 characters).
+      overwrite: replace an existing file; otherwise raise FileExistsError.
+
+    Returns:
+      `path` as a `pathlib.Path`.
+    """
+    path = pathlib.Path(path)
+    header, affine = _like_to_header(like)
+    data = np.asarray(data, dtype=np.float32)
+    grid = tuple(header.get_data_shape()[:3])
+    if data.ndim not in (3, 4) or data.shape[:3] != grid:
+        raise ValueError(
+            f"data must be [X, Y, Z] or [X, Y, Z, T] on the grid {grid} of `like`, got shape "
+            f"{data.shape}."
+        )
+    _check_free([path], overwrite)
+    _save_nifti(
+        path,
+        data,
+        affine,
+        np.float32,
+        description or "kinetix map",
+        header=header,
+        intent="estimate" if data.ndim == 3 else "none",
+        intent_name=intent_name if data.ndim == 3 else "",
+    )
+    return path

@@ -1,0 +1,309 @@
+"""Tables and statistics of the held-out evaluation (`kinetix.evaluate`).
+
+Tumour ROIs (`tumour_rois`) and Bland–Altman agreement (`bland_altman`, `bland_altman_groups`),
+per-slice metric summaries (`summarize`, `summarize_table`), the evaluation conventions written
+to metrics.json and report.md (`conventions`), strict-JSON conversion and the per-slice CSV.
+"""
+
+import csv
+import math
+import pathlib
+
+import numpy as np
+
+from kinetix import metrics as km
+from kinetix.evaluate_ki import KiWindows
+
+HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "nrmse": False, "nmi": True, "ms_ssim": True}
+"""Direction of improvement of each metric in `kinetix.metrics.METRIC_NAMES`."""
+
+ROI_MIN_SIDE = 3
+"""Tumour ROIs cover at least this square (voxels) around the tumour centroid."""
+
+LOA_Z = 1.96
+"""Bland–Altman limits of agreement: bias ± LOA_Z · SD."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tumour ROIs and Bland–Altman
+# ----------------------------------------------------------------------------------------------
+def connected_components(region: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a 2-D boolean image (as scipy.ndimage.label with a 3×3 block).
+
+    Args:
+      region: [H, W] booleans.
+
+    Returns:
+      (labels [H, W] int32, 0 outside and 1..n numbered in raster order of first voxel, n).
+    """
+    region = np.asarray(region, bool)
+    if region.ndim != 2:
+        raise ValueError(f"region must be a 2-D array, got shape {region.shape}.")
+    out = np.zeros(region.shape, np.int32)
+    h, w = region.shape
+    n = 0
+    for y0, x0 in zip(*np.nonzero(region), strict=True):
+        if out[y0, x0]:
+            continue
+        n += 1
+        out[y0, x0] = n
+        stack = [(int(y0), int(x0))]
+        while stack:
+            y, x = stack.pop()
+            for yy in range(max(y - 1, 0), min(y + 2, h)):
+                for xx in range(max(x - 1, 0), min(x + 2, w)):
+                    if region[yy, xx] and not out[yy, xx]:
+                        out[yy, xx] = n
+                        stack.append((yy, xx))
+    return out, n
+
+
+def tumour_rois(labels: np.ndarray, tumour_ids, min_side: int = ROI_MIN_SIDE) -> list[dict]:
+    """Tumour ROIs of one 2-D label slice.
+
+    Each 8-connected region of one tumour label becomes one ROI: the region united with the
+    `min_side`×`min_side` square centred on its centroid (rounded half up, cut at the image
+    border), so tiny nodules still give a `min_side`² ROI.
+
+    Args:
+      labels: [H, W] integer label slice.
+      tumour_ids: label ids that are tumours.
+      min_side: odd side of the minimum square (voxels).
+
+    Returns:
+      A list of {"label": id, "roi": [H, W] bool, "centre": (row, col), "n_tumour": voxels of
+      the region}, ordered by label id, then by the region's first voxel in raster order.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D slice, got shape {labels.shape}.")
+    if min_side < 1 or min_side % 2 != 1:
+        raise ValueError(f"min_side must be a positive odd integer, got {min_side}.")
+    half = min_side // 2
+    out = []
+    for lid in sorted(int(i) for i in tumour_ids):
+        comp, n = connected_components(labels == lid)
+        for c in range(1, n + 1):
+            region = comp == c
+            rows, cols = np.nonzero(region)
+            cy, cx = int(math.floor(rows.mean() + 0.5)), int(math.floor(cols.mean() + 0.5))
+            roi = region.copy()
+            roi[max(cy - half, 0) : cy + half + 1, max(cx - half, 0) : cx + half + 1] = True
+            out.append({"label": lid, "roi": roi, "centre": (cy, cx), "n_tumour": int(rows.size)})
+    return out
+
+
+def bland_altman(method, reference) -> dict:
+    """Bland–Altman agreement of paired measurements.
+
+    Args:
+      method: [N] values of the method (e.g. ROI-mean Ki, mL/min/mL).
+      reference: [N] values of the reference, same unit.
+
+    Returns:
+      {"n", "bias" = mean(method − reference), "sd" (ddof = 1), "loa_low", "loa_high"
+      (= bias ∓ 1.96·sd)}, floats (NaN when n < 2, bias NaN when n = 0).
+    """
+    a = np.asarray(method, np.float64).ravel()
+    b = np.asarray(reference, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"method {a.shape} and reference {b.shape} must have the same length.")
+    n = int(a.size)
+    diff = a - b
+    bias = float(np.mean(diff)) if n else math.nan
+    sd = float(np.std(diff, ddof=1)) if n > 1 else math.nan
+    return {
+        "n": n,
+        "bias": bias,
+        "sd": sd,
+        "loa_low": bias - LOA_Z * sd,
+        "loa_high": bias + LOA_Z * sd,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------
+def summarize(values) -> dict:
+    """Summary of per-slice values, skipping NaN (degenerate slices).
+
+    Returns:
+      {"mean", "std", "median", "min", "max", "n" (non-NaN slices), "n_nan", "n_inf"}. The mean
+      is ±inf when any slice is ±inf (e.g. PSNR of identical slices); std is over finite values.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    keep = v[~np.isnan(v)]
+    finite = keep[np.isfinite(keep)]
+    n_inf = int(keep.size - finite.size)
+    out = {"n": int(keep.size), "n_nan": int(v.size - keep.size), "n_inf": n_inf}
+    if keep.size == 0:
+        return {**dict.fromkeys(("mean", "std", "median", "min", "max"), math.nan), **out}
+    if n_inf:
+        pos, neg = bool(np.any(keep == np.inf)), bool(np.any(keep == -np.inf))
+        mean = math.nan if pos and neg else (math.inf if pos else -math.inf)
+    else:
+        mean = float(np.mean(finite))
+    with np.errstate(invalid="ignore"):
+        median = float(np.median(keep))
+    return {
+        "mean": mean,
+        "std": float(np.std(finite)) if finite.size else math.nan,
+        "median": median,
+        "min": float(np.min(keep)),
+        "max": float(np.max(keep)),
+        **out,
+    }
+
+
+def _relative(method_mean: float, baseline_mean: float, metric: str) -> float:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rc = km.relative_change(method_mean, baseline_mean, HIGHER_IS_BETTER[metric])
+    return float(rc.percent)
+
+
+def summarize_table(per_slice: dict, baseline: str | None) -> dict:
+    """{method: {metric: summary, "relative_change_pct": {metric: %}}} of one comparison.
+
+    Args:
+      per_slice: {method: {metric: [N] per-slice values}}.
+      baseline: the method the relative changes refer to (None: no relative changes).
+    """
+    out = {}
+    for method, vals in per_slice.items():
+        out[method] = {m: summarize(v) for m, v in vals.items()}
+    if baseline is not None and baseline in out:
+        for method in out:
+            out[method]["relative_change_pct"] = {
+                m: _relative(out[method][m]["mean"], out[baseline][m]["mean"], m)
+                for m in km.METRIC_NAMES
+            }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics files
+# ----------------------------------------------------------------------------------------------
+def _as_json(obj):
+    """NumPy → Python; non-finite floats → None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _as_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_as_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _as_json(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    return obj
+
+
+def conventions(windows: KiWindows, mask_threshold: float, roi_note: str) -> dict:
+    """The exact evaluation conventions, as sentences (metrics.json and report.md)."""
+    f = windows.frame_numbers()
+
+    def span(nums):
+        return f"frames {nums[0]}-{nums[-1]}" if nums else "no frames"
+
+    s = windows.schedule
+    return {
+        "per_slice": "Every metric is computed per 2-D axial slice and averaged over slices "
+        "(kinetix.metrics.batch_slice_metrics); slices whose metric is NaN (e.g. an all-zero "
+        "reference slice, max <= 0) are skipped and counted as n_nan.",
+        "clipping": "Reference and method slices are clipped to [0, max(reference slice)] "
+        "and data_range = max(reference slice), as in the authors' code.",
+        "ssim": "SSIM with scikit-image defaults: 7x7 uniform window, sample covariance "
+        "(N-1), K1 = 0.01, K2 = 0.03, mean over the interior (3-pixel border cropped).",
+        "psnr": "PSNR = 10 log10(data_range^2 / MSE) in dB; identical slices give +inf "
+        "(counted as n_inf; the mean is then +inf).",
+        "nrmse": "NRMSE = ||ref - pred||_2 / ||ref||_2 (scikit-image normalized_root_mse, "
+        "'euclidean'); the paper calls it RMSE.",
+        "nmi": "NMI = (H(A) + H(B)) / H(A, B) with a 100 x 100-bin joint histogram "
+        "(scikit-image normalized_mutual_information, bins=100).",
+        "ms_ssim": "MS-SSIM (extra, not in the authors' code): 7x7 uniform window, "
+        "Wang et al. 2003 weights renormalised over the scales that fit the slice.",
+        "mask": "Ki and SUV maps (every method, the reference and the truth) are multiplied by "
+        "the body mask before metrics: Ki outside the body is 0. Body mask = duration-weighted "
+        f"mean SUV above {mask_threshold:g} x the subject's 99th percentile "
+        "(kinetix.data.pipeline.body_mask).",
+        "patlak": "Patlak convention of TPCCLIB: x = integral of Cp from 0 to the frame "
+        "mid-time / frame-mean Cp, y = frame value / frame-mean Cp; frames enter a fit when "
+        f"their mid-time lies in the window; {windows.method} line fit per voxel; plasma "
+        "input = the subject's sampled plasma curve (piecewise linear).",
+        "reference": f"Reference = 65-min Patlak on the measured frames with mid-time >= "
+        f"{windows.t_star:g} min ({span(f['reference'])}).",
+        "baseline": f"Baseline = 30-min Patlak on the measured frames with mid-time in "
+        f"[{windows.t_star:g}, {windows.baseline_t_end:g}] min ({span(f['baseline'])}).",
+        "proposed": f"Proposed = Patlak ({span(f['proposed'])}) on measured "
+        f"{span(f['proposed_measured'])} followed by predicted {span(f['proposed_predicted'])} "
+        f"(the prediction replaces every frame >= {windows.n_early + 1}).",
+        "proposed_late": "Authors' variant = Patlak on the predicted frames only "
+        f"({span(f['proposed_late'])}, t* = {windows.late_t_star:g} min).",
+        "direct": "Direct ablation = the no-model network's late frames spliced like the "
+        "proposed method, then the same Patlak fit.",
+        "truth": "True Ki = the simulator's voxel-level Ki (derivatives/truth), compared "
+        "against the reference as an extra row and used as a second reference.",
+        "suv": f"SUV metrics on the last frame ({s.n_frames}, {s.start[-1]:g}-{s.end[-1]:g} min):"
+        " predicted vs measured (and vs the noise-free truth when simulated), same conventions.",
+        "rois": roi_note,
+        "bland_altman": "Bland-Altman: difference = method - reference, bias = mean "
+        "difference, 95 % limits of agreement = bias +- 1.96 SD (ddof = 1); per ROI mean Ki "
+        "(primary) and pooled ROI voxels (paper-style).",
+        "json": "Non-finite numbers (e.g. PSNR = +inf) are written as null in metrics.json; "
+        "n_inf and n_nan count them.",
+    }
+
+
+def bland_altman_groups(rois: list[dict], roi_voxels: dict, methods) -> dict:
+    """Bland–Altman of every method against the reference and against the truth.
+
+    Args:
+      rois: ROI records with "ki": {method: ROI-mean Ki}.
+      roi_voxels: {method: list of [n_voxels] Ki arrays, one per ROI, same order}.
+      methods: the Ki maps available (including "reference" and maybe "truth").
+
+    Returns:
+      {"vs_reference": {method: {"roi_mean": stats, "voxel": stats}}, "vs_truth": ...}
+      (empty without ROIs); stats as `bland_altman`.
+    """
+    ba = {}
+    if not rois:
+        return ba
+    for ref_name in ("reference", "truth"):
+        if ref_name not in methods:
+            continue
+        group = {}
+        for m in methods:
+            if m == ref_name:
+                continue
+            a = np.array([r["ki"][m] for r in rois])
+            b = np.array([r["ki"][ref_name] for r in rois])
+            va, vb = np.concatenate(roi_voxels[m]), np.concatenate(roi_voxels[ref_name])
+            group[m] = {"roi_mean": bland_altman(a, b), "voxel": bland_altman(va, vb)}
+        ba[f"vs_{ref_name}"] = group
+    return ba
+
+
+ROI_NOTE = (
+    "Tumour ROIs (2-D adaptation of the paper's 10x10x10-voxel ROI): every 8-connected region "
+    "of a tumour label of the truth label map in a slice, united with the 3x3 square centred "
+    "on its centroid (so a one-voxel nodule gives a 3x3 ROI); ROI value = mean Ki over the ROI "
+    "voxels of the masked Ki map. All ROIs of all evaluated slices are pooled."
+)
+
+
+def _write_per_slice_csv(path, per_slice, subj, slc) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["table", "method", "subject", "slice", *km.METRIC_NAMES])
+        for table, methods in per_slice.items():
+            for method, vals in methods.items():
+                for i in range(subj.size):
+                    w.writerow(
+                        [table, method, subj[i], int(slc[i])]
+                        + [repr(float(vals[k][i])) for k in km.METRIC_NAMES]
+                    )
