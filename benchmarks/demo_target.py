@@ -53,14 +53,10 @@ def simulate_once(root: pathlib.Path, overrides) -> pathlib.Path:
     """Simulate the demo cohort (with the overrides) into root/data, unless it exists."""
     data = root / "data"
     if not (data / "participants.tsv").exists():
-        import importlib.util
-
+        from configs import demo
         from kinetix import training
 
-        spec = importlib.util.spec_from_file_location("demo_cfg", CONFIG)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        training.build_cohort(apply_overrides(mod.get_config(), overrides), root)
+        training.build_cohort(apply_overrides(demo.get_config(), overrides), root)
     return data
 
 

@@ -192,10 +192,10 @@ class Cohort:
                 )
             entries[subject] = _bids_entry(path)
         if cache_size is None:
-            largest = max(
-                4 * math.prod(e.shape) * e.schedule.n_frames for e in entries.values()
-            )
-            cache_size = max(DEFAULT_CACHE_SIZE, DEFAULT_CACHE_BYTES // largest)
+            sizes = [4 * math.prod(e.shape) * e.schedule.n_frames for e in entries.values()]
+            largest = max(sizes, default=1)  # no subjects: the Cohort raises its own error
+            fit = max(DEFAULT_CACHE_SIZE, DEFAULT_CACHE_BYTES // largest)
+            cache_size = min(fit, len(entries))  # no slots beyond the cohort
         cohort = cls(entries, None, cache_size)
         if validate:
             for subject in cohort.subjects:

@@ -24,7 +24,6 @@ import numpy as np
 from kinetix.kinetics.frames import F18_DECAY_CONSTANT, FrameSchedule
 
 PARAM_NAMES = ("fv", "K1", "k2", "k3", "k4")
-_SAME_EDGE_MIN = 1e-9  # frame boundaries closer than this (min) are one boundary
 
 
 def _check_params(params):
@@ -109,12 +108,8 @@ def _frame_operator(schedule: FrameSchedule, decay_constant: float):
     if decay_constant < 0:
         raise ValueError(f"decay_constant must be >= 0, got {decay_constant}.")
     edges, i_start, i_end = schedule.edges()
-    # Contiguous frames give boundaries that differ only by rounding (start[i + 1] vs end[i]);
-    # merge them, so each boundary is evaluated once.
-    keep = np.concatenate([[True], np.diff(edges) > _SAME_EDGE_MIN])
-    slot = np.cumsum(keep) - 1
     scale = schedule.decay_factors(decay_constant) / schedule.duration
-    return edges[keep], slot[i_start], slot[i_end], scale
+    return edges, i_start, i_end, scale
 
 
 def blood_frames(inp, schedule: FrameSchedule, decay_constant: float = F18_DECAY_CONSTANT):

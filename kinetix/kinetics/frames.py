@@ -25,6 +25,9 @@ F18_HALF_LIFE_MIN = 109.77
 F18_DECAY_CONSTANT = math.log(2.0) / F18_HALF_LIFE_MIN
 """Decay constant of F-18 in 1/min (ln 2 / 109.77)."""
 
+SAME_EDGE_MIN = 1e-9
+"""Frame boundaries closer than this (min) are one boundary in `FrameSchedule.edges`."""
+
 
 def _as_1d(name: str, values) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
@@ -136,9 +139,19 @@ class FrameSchedule:
         )
 
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Unique sorted frame boundaries and each frame's start / end index into them."""
+        """Unique sorted frame boundaries and each frame's start / end index into them.
+
+        Boundaries closer than `SAME_EDGE_MIN` are one boundary: contiguous frames give
+        start[i + 1] and end[i] that differ only by rounding (seconds converted to minutes).
+        """
         edges = np.unique(np.concatenate([self.start, self.end]))
-        return edges, np.searchsorted(edges, self.start), np.searchsorted(edges, self.end)
+        keep = np.concatenate([[True], np.diff(edges) > SAME_EDGE_MIN])
+        slot = np.cumsum(keep) - 1
+        return (
+            edges[keep],
+            slot[np.searchsorted(edges, self.start)],
+            slot[np.searchsorted(edges, self.end)],
+        )
 
     def select(self, t_star: float, t_end: float | None = None) -> np.ndarray:
         """Indices of frames whose **mid-time** lies in [t_star, t_end] (TPCCLIB's rule).
