@@ -5,7 +5,7 @@
 One simulated cohort (`configs/demo.py`'s, simulated once into ROOT/data) is shared by every
 run. For each training length N the kinetic-model network is trained with
 `python -m kinetix.train --config configs/demo.py` (its learning rate divided by 10 after 2/3 of
-the steps, as the demo does at 400 of 600), and evaluated on the held-out subjects; with
+the steps, as the demo does at 800 of 1200), and evaluated on the held-out subjects; with
 `--direct M` the "without model" ablation is trained for M steps too and evaluated beside the
 kinetic run of the same length. Runs go `--parallel` at a time (one GPU holds several small
 runs: each process then gets 1/parallel of its memory).

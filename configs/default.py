@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.eval_batch_size = 8
     t.multiprocess = False  # call jax.distributed.initialize() (also set by launchers)
+    # Split a CPU into this many single-threaded XLA devices for data parallelism (0: XLA's
+    # default, one multi-threaded device; -1: one per core when the cores divide the batch).
+    # Only `python -m kinetix.train` applies it, before JAX starts its backends.
+    t.cpu_devices = 0
 
     config.eval = e = ml_collections.ConfigDict()
     e.method = "ols"  # Patlak fit for the Ki maps ('ols' as the authors, or 'perpendicular')

@@ -48,12 +48,20 @@ def _abstract_leaf(x):
     return x
 
 
+def _plain_path(path) -> str:
+    """A key path as `['a']['0']['count']` whatever the containers were (dicts, sequences,
+    named tuples, dataclasses), so saved metadata (plain dicts) and live state compare."""
+    parts = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(f"['{name}']")
+    return "".join(parts)
+
+
 def _describe_mismatch(saved, target) -> str | None:
     """First difference in tree structure, shape or dtype between saved metadata and target."""
-    saved_leaves = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-    target_leaves = dict(jax.tree_util.tree_flatten_with_path(target)[0])
-    saved_keys = {jax.tree_util.keystr(k): v for k, v in saved_leaves.items()}
-    target_keys = {jax.tree_util.keystr(k): v for k, v in target_leaves.items()}
+    saved_keys = {_plain_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    target_keys = {_plain_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
     missing = sorted(set(target_keys) - set(saved_keys))
     if missing:
         return f"the checkpoint has no {missing[0]} (and {len(missing) - 1} more)"
@@ -106,8 +114,14 @@ class Checkpointer:
             enable_async_checkpointing=bool(async_save),
             create=True,
         )
+        # Handlers are named up front (not inferred at the first save/restore), so that a fresh
+        # manager can read a saved checkpoint's metadata and refuse a mismatched restore with a
+        # clear sentence instead of Orbax's error deep inside the restore.
+        handlers = {"state": ocp.StandardCheckpointHandler()}
+        if self.with_data:
+            handlers["data"] = grain.checkpoint.CheckpointHandler()
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=self._items, options=options
+            self.directory, item_handlers=handlers, options=options
         )
 
     # -- queries ---------------------------------------------------------------------------------

@@ -41,9 +41,12 @@ def main(argv):
     jax.config.parse_flags_with_absl()
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = FLAGS.config
+    from kinetix import training
+
     if config.train.multiprocess or os.environ.get("KINETIX_MULTIPROCESS") == "1":
         jax.distributed.initialize()
-    from kinetix import training
+    else:
+        training.configure_host_devices(config)
 
     workdir = pathlib.Path(FLAGS.workdir or f"runs/{config.name}")
     logging.info(

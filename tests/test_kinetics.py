@@ -421,10 +421,47 @@ def test_conv_integral_gradients_at_coincident_nodes():
         np.testing.assert_allclose(g32, g64, rtol=1e-3, atol=1e-4 * np.abs(g64).max())
 
 
-def test_sampled_conv_integral_is_conv():
-    sinp = kk.SampledInput(np.array([0.5, 1.0, 3.0, 70.0]), np.array([0.0, 50.0, 20.0, 5.0]))
-    beta, t = jnp.asarray([[0.0, 0.3], [1.2, 4.0]]), jnp.asarray([0.2, 1.5, 40.0])
-    np.testing.assert_array_equal(sinp.conv_integral(beta, t, LAM), sinp.conv(beta, t, LAM)[1])
+def _sampled_case(dtype):
+    """A sampled input with a jump at its first knot (t0 > 0) and queries everywhere."""
+    rng = np.random.default_rng(7)
+    times = np.concatenate([[0.4], np.sort(rng.uniform(0.5, 60.0, 30)), [70.0]])
+    values = np.concatenate([[3.0], rng.uniform(0.0, 80.0, 30), [5.0]])
+    # before the first knot, on knots, between knots, after the last one; repeated query
+    t = np.concatenate([[0.0, 0.2, 0.4], times[5:8], [1.234, 33.3, 33.3, 69.99, 70.0, 95.0]])
+    return kk.SampledInput(times.astype(dtype), values.astype(dtype)), t.astype(dtype)
+
+
+@pytest.mark.parametrize("lam", [0.0, LAM])
+def test_sampled_conv_integral_matches_general_conv(x64, lam):
+    """The merged-grid scan equals the general-kernel recursion (`conv`), also at β = λ (the
+    node −β on the input's μ = −λ), β = 0 and large β."""
+    betas = jnp.asarray([0.0, lam, lam + 1e-9, 1e-4, 0.05, 0.3, 1.7, 12.0, 60.0])
+    inp, t = _sampled_case(np.float64)
+    ref = np.asarray(inp.conv(betas, jnp.asarray(t), lam)[1])
+    got = np.asarray(jax.jit(lambda b: inp.conv_integral(b, jnp.asarray(t), lam))(betas))
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())
+    assert np.all(got[:, :2] == 0.0)  # nothing before the first sample
+    inp32, t32 = _sampled_case(np.float32)
+    got32 = np.asarray(inp32.conv_integral(betas.astype(jnp.float32), jnp.asarray(t32), lam))
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, ref, rtol=2e-5, atol=2e-6 * np.abs(ref).max())
+
+
+def test_sampled_conv_integral_gradients(x64):
+    """d/dβ of the merged-grid scan (rematerialised body) against central differences."""
+    inp, t = _sampled_case(np.float64)
+    betas = jnp.asarray([0.0, LAM, 0.2, 3.0])
+
+    def total(b):
+        weights = jnp.sin(jnp.arange(t.size, dtype=b.dtype))[None, :]
+        return jnp.sum(weights * inp.conv_integral(b, jnp.asarray(t), LAM))
+
+    grad = np.asarray(jax.grad(total)(betas))
+    eps = 1e-6
+    for j in range(betas.size):
+        step = jnp.zeros_like(betas).at[j].set(eps)
+        fd = (total(betas + step) - total(betas - step)) / (2 * eps)
+        np.testing.assert_allclose(grad[j], fd, rtol=1e-6, err_msg=f"beta={betas[j]}")
 
 
 # -- Gradients of the general kernels (`expconv.kernels`) where a tissue rate equals an input

@@ -59,6 +59,7 @@ def _snapshot(work) -> dict:
     os.utime(report, (old, old))
     return {
         "metrics": (work / "metrics.jsonl").read_bytes(),
+        "run_files": {n: (work / n).read_bytes() for n in ("config.json", "provenance.json")},
         "steps": steps,
         "checkpoint_files": _file_times(work / "checkpoints"),
         "report_mtime_ns": report.stat().st_mtime_ns,
@@ -91,7 +92,7 @@ def runs(tmp_path_factory):
     }
     _cli.wait_all(procs, logs, TIMEOUT_S)
 
-    prov = json.loads((work["dev2"] / "provenance.json").read_text())  # reeval rewrites it
+    prov = json.loads((work["dev2"] / "provenance.json").read_text())
     before = _snapshot(work["dev2"])
     reeval = [*prov["argv"][1:], "--config.train.num_steps=0"]
     reeval.append("--config.eval.run_after_training=True")
@@ -174,7 +175,10 @@ def test_zero_steps_on_a_finished_workdir_only_reevaluates(runs):
     assert report.stat().st_mtime_ns > before["report_mtime_ns"]
     assert report.read_text() != "stale report\n"
     assert (work / "eval" / "metrics.json").is_file()
-    assert json.loads((work / "provenance.json").read_text())["jax"]["device_count"] == 2
+    # config.json / provenance.json keep describing the training run (not num_steps=0)
+    for name, content in before["run_files"].items():
+        assert (work / name).read_bytes() == content, name
+    assert "evaluation only" in log
 
 
 def test_device_count_changes_only_the_reduction_order(runs):

@@ -32,10 +32,15 @@ Pipeline (`simulate_subject`):
    (`recon.image_noise`: Gaussian, σ ∝ √(C/Δ)), `"projection"` (`recon.projection_noise`:
    Poisson sinograms with randoms + scatter, OSEM, PSF post-filter) or `"none"`.
 
-Count levels (projection noise, 20 M prompts per slice over the scan): a 300-s late frame gets
-≈ 1.0 M (0.5–2.0 M by slice), less than the 1.5–1.8 M quoted with 20 M in KINETICS.md: in a
-thorax slice the activity falls with the blood curve after the first minutes (a brain slice's
-rises), so the late frames hold ≈ 5 % of the scan's counts each, not 8 %.
+Count levels (projection noise): the scale is the scan's total, 20 M prompts per slice at the
+reference dose (KINETICS.md), honoured exactly. The per-frame figures quoted beside it there
+(1.5–1.8 M in a 300-s late frame) then come out lower for the late frames: at the reference
+dose the ten 300-s frames get ≈ 1.6–1.7 M (15–20 min) falling to ≈ 1.35 M (35–40 min) and
+≈ 1.15 M (60–65 min), because in a thorax slice the activity falls with the blood curve (a brain
+slice's rises), so each 35–65-min frame holds ≈ 6 % of the scan's counts, not 8 %. Both
+figures cannot hold for thorax kinetics; the total is kept as the anchor (it sets the noise of
+the whole scan), and `counts_per_slice` ≈ 27e6 puts the 35–65-min frames at ≈ 1.6–1.8 M for
+anyone who prefers that anchor.
 
 True Ki (ARCHITECTURE.md): ki_true = (1 − fv)·K1·k3/(k2 + k3)·fraction, the uptake that Patlak
 on the noise-free voxel curve estimates up to Patlak's own bias (k4 > 0, early t*).
