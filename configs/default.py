@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     lo.lambda_patlak = 100.0  # λ: Patlak-difference errors are ~100× smaller than SUV errors
     lo.patlak_slope = "reference"  # slope K in loss_diff: 'reference' (65-min Ki) or 'prediction'
     lo.faithful_delta = 20.0  # Huber δ of the authors' loss
+    # Frames the Patlak terms see for the kinetic model: 'model' (all frames from the 2TCM, the
+    # paper) or 'splice' (measured early + predicted late frames, the series the proposed Ki is
+    # computed on, and what the direct ablation's loss sees anyway).
+    lo.patlak_frames = "model"
 
     config.optim = o = ml_collections.ConfigDict()
     o.name = "adam"  # 'adam' (paper) or 'rmsprop' (authors' code)

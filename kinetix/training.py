@@ -78,6 +78,8 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         )
     if config.loss.patlak_slope not in ("reference", "prediction"):
         raise ValueError("config.loss.patlak_slope must be 'reference' or 'prediction'.")
+    if config.loss.get("patlak_frames", "model") not in ("model", "splice"):
+        raise ValueError("config.loss.patlak_frames must be 'model' or 'splice'.")
     if config.optim.name not in ("adam", "rmsprop"):
         raise ValueError(
             f"config.optim.name must be 'adam' or 'rmsprop', got {config.optim.name!r}."
@@ -177,6 +179,11 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
 def compute_loss(pred, batch, x, cp, config, schedule):
     late, linear = losses.frame_indices(schedule, config.model.n_early, config.kinetics.t_star)
     mask = batch["mask"] * batch["valid"][:, None, None]
+    if config.loss.get("patlak_frames", "model") == "splice":
+        # The measured early frames followed by the predicted late ones (a no-op for the direct
+        # model, whose prediction is already this splice).
+        n_early = config.model.n_early
+        pred = jnp.concatenate([batch["frames"][..., :n_early], pred[..., n_early:]], axis=-1)
     if config.loss.kind == "paper":
         return losses.paper_loss(
             pred,

@@ -110,3 +110,30 @@ def test_gradients_flow_only_through_prediction():
     assert bool(jnp.all(jnp.isfinite(g_pred))) and float(jnp.abs(g_pred).sum()) > 0
     # The reference slope is a stop-gradient; only loss_SUV depends on the target frames.
     np.testing.assert_array_equal(np.asarray(g_true[..., :15]), 0.0)
+
+
+def test_splice_option_sees_measured_early_frames():
+    """loss.patlak_frames = 'splice': the Patlak term sees measured early + predicted late
+    frames, so errors in the model's early frames cost nothing, and the late ones as before."""
+    from configs import smoke
+    from kinetix import training
+
+    ki = jnp.full((2, 3, 3), 0.03)
+    frames, x, cp = _linear_patlak_batch(ki, jnp.full((2, 3, 3), 0.4))
+    batch = {"frames": frames, "mask": jnp.ones((2, 3, 3)), "valid": jnp.ones((2,))}
+    config = smoke.get_config()
+    early_wrong = frames.at[..., 10:22].add(1.0)  # inside the Patlak window, before frame 23
+    late_wrong = frames.at[..., -1].add(0.3)
+    results = {}
+    for mode in ("model", "splice"):
+        config.loss.patlak_frames = mode
+        results[mode] = [
+            training.compute_loss(p, batch, x, cp, config, SCHED)[1]["loss_patlak"]
+            for p in (early_wrong, late_wrong)
+        ]
+    assert float(results["model"][0]) > 1e-5  # ≈ 1.8e-4: Δy changes at the block edges
+    assert float(results["splice"][0]) == pytest.approx(0.0, abs=1e-7)
+    np.testing.assert_allclose(results["splice"][1], results["model"][1], rtol=1e-6)
+    config.loss.patlak_frames = "both"
+    with pytest.raises(ValueError, match="patlak_frames"):
+        training.validate_config(config, SCHED, (16, 16))

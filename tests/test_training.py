@@ -93,7 +93,7 @@ def test_loss_falls_on_a_tiny_cohort(cohort_root, tmp_path):
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:1]), losses
 
 
-def test_resume_continues_exactly(cohort_root, tmp_path):
+def test_resume_continues_exactly_and_refuses_another_model(cohort_root, tmp_path):
     full = tmp_path / "full"
     part = tmp_path / "part"
     training.train_and_evaluate(smoke_config(cohort_root, num_steps=6), full)
@@ -108,15 +108,13 @@ def test_resume_continues_exactly(cohort_root, tmp_path):
     for key in ("loss", "loss_suv", "loss_patlak", "grad_norm", "param_norm"):
         np.testing.assert_allclose(m_part[6][key], m_full[6][key], rtol=1e-5, err_msg=key)
 
-
-def test_rerun_with_another_model_is_refused_and_leaves_the_run_alone(cohort_root, tmp_path):
-    training.train_and_evaluate(smoke_config(cohort_root, num_steps=2), tmp_path)
-    saved = {n: (tmp_path / n).read_bytes() for n in ("config.json", "provenance.json")}
-    other = smoke_config(cohort_root, num_steps=4)
+    # A rerun with another model is refused before anything in the workdir changes.
+    saved = {n: (part / n).read_bytes() for n in ("config.json", "provenance.json")}
+    other = smoke_config(cohort_root, num_steps=8)
     other.model.head_hidden = (32,)
     with pytest.raises(ValueError, match="does not match this model/config"):
-        training.train_and_evaluate(other, tmp_path)
-    assert {n: (tmp_path / n).read_bytes() for n in saved} == saved
+        training.train_and_evaluate(other, part)
+    assert {n: (part / n).read_bytes() for n in saved} == saved
 
 
 def test_train_step_traces_once(cohort_root):
