@@ -107,7 +107,6 @@ class Checkpointer:
             raise ValueError(f"keep must be a positive integer, got {keep}.")
         self.directory = pathlib.Path(directory).absolute()
         self.with_data = bool(with_data)
-        self._items = ("state", "data") if self.with_data else ("state",)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=int(save_interval_steps),
             preservation_policy=ocp.checkpoint_managers.LatestN(int(keep)),
