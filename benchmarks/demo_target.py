@@ -14,7 +14,9 @@ Printed: for every run, the proposed Ki (measured 9–35 min + predicted 35–65
 authors' variant (predicted frames only) against the 65-min reference, as % change against the
 30-min baseline, next to the paper's margins (SSIM +2.27 %, PSNR +7.04 %, NRMSE −16.3 %), and
 the direct ablation's SSIM. Everything also goes to ROOT/summary.json. Extra `--set key=value`
-arguments are passed to every run as `--config.key=value`.
+arguments are passed to every run as `--config.key=value`; each `--variant NAME:k=v;k=v` adds a
+kinetic run per training length with those overrides (named NAME-N), evaluated like the plain
+kinetic one, e.g. `--variant "early:loss.early_weight=1.0"`.
 """
 
 import argparse
@@ -120,8 +122,8 @@ def run_all(jobs, parallel, deadline=None):
     return done
 
 
-def ki_row(metrics_path):
-    tables = json.loads(pathlib.Path(metrics_path).read_text())["tables"]["ki_vs_reference"]
+def ki_row(metrics_path, table="ki_vs_reference"):
+    tables = json.loads(pathlib.Path(metrics_path).read_text())["tables"][table]
     out = {}
     for method, m in tables["methods"].items():
         out[method] = {k: m[k]["mean"] for k in ("ssim", "psnr", "nrmse", "nmi")}
@@ -139,7 +141,19 @@ def main():
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=None, help="stop training after S seconds")
     ap.add_argument("--set", action="append", default=[], help="key=value config override")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:key=value;key=value: an extra kinetic run per length with these overrides",
+    )
     args = ap.parse_args()
+    variants = {"kinetic": []}
+    for v in args.variant:
+        name, _, kvs = v.partition(":")
+        if not name or name in variants or name == "direct" or not kvs:
+            raise SystemExit(f"--variant {v!r}: expected a new NAME:key=value;key=value.")
+        variants[name] = [kv for kv in kvs.split(";") if kv]
 
     root = pathlib.Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -150,50 +164,55 @@ def main():
     kinetic = [int(s) for s in args.steps.split(",") if s]
     direct = [int(s) for s in args.direct.split(",") if s]
     jobs = []
-    for kind, lengths in (("direct", direct), ("kinetic", kinetic)):
-        for n in lengths:
-            wd = root / f"{kind}-{n}"
-            jobs.append(
-                (f"{kind}-{n}", train_cmd(wd, data, n, kind, args.set), root / f"{kind}-{n}.log")
-            )
+    runs = [("direct", "direct", n, []) for n in direct]
+    runs += [(v, "kinetic", n, kv) for n in kinetic for v, kv in variants.items()]
+    for name, kind, n, kv in runs:
+        wd = root / f"{name}-{n}"
+        cmd = train_cmd(wd, data, n, kind, args.set + kv)
+        jobs.append((f"{name}-{n}", cmd, root / f"{name}-{n}.log"))
     deadline = None if args.deadline is None else t0 + args.deadline
     done = run_all(jobs, args.parallel, deadline)
 
     ev_jobs = []
     for n in kinetic:
-        if (
-            n in direct
-            and done.get(f"kinetic-{n}", (1,))[0] == 0
-            and done.get(f"direct-{n}", (1,))[0] == 0
-        ):
-            out = root / f"kinetic-{n}" / "eval_with_direct"
-            cmd = [
-                sys.executable,
-                "-m",
-                "kinetix.evaluate",
-                f"--workdir={root / f'kinetic-{n}'}",
-                f"--ablation_workdir={root / f'direct-{n}'}",
-                f"--out={out}",
-                "--overwrite",
-            ]
-            ev_jobs.append((f"eval-{n}", cmd, root / f"eval-{n}.log"))
+        for v in variants:
+            if (
+                n in direct
+                and done.get(f"{v}-{n}", (1,))[0] == 0
+                and done.get(f"direct-{n}", (1,))[0] == 0
+            ):
+                out = root / f"{v}-{n}" / "eval_with_direct"
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "kinetix.evaluate",
+                    f"--workdir={root / f'{v}-{n}'}",
+                    f"--ablation_workdir={root / f'direct-{n}'}",
+                    f"--out={out}",
+                    "--overwrite",
+                ]
+                ev_jobs.append((f"eval-{v}-{n}", cmd, root / f"eval-{v}-{n}.log"))
     done.update(run_all(ev_jobs, args.parallel))
 
-    summary = {"root": str(root), "overrides": args.set, "runs": {}}
+    summary = {"root": str(root), "overrides": args.set, "variants": variants, "runs": {}}
     print(
         "\nKi vs the 65-min reference: % change against 30-min Patlak "
         f"(paper margins SSIM +{PAPER['ssim']}, PSNR +{PAPER['psnr']}, NRMSE {PAPER['nrmse']})"
     )
-    print(f"{'run':14s} {'method':14s} {'SSIM':>8s} {'PSNR':>8s} {'NRMSE':>8s}  target  s")
-    for n in kinetic:
-        name = f"kinetic-{n}"
+    print(
+        f"{'run':20s} {'method':14s} {'SSIM':>8s} {'PSNR':>8s} {'NRMSE':>8s}  target  "
+        f"{'SSIM (abs)':>10s}  s"
+    )
+    for name in [f"{v}-{n}" for n in kinetic for v in variants]:
         ev = root / name / "eval_with_direct" / "metrics.json"
         ev = ev if ev.exists() else root / name / "eval" / "metrics.json"
         if not ev.exists():
-            print(f"{name:14s} (no evaluation: rc={done.get(name)})")
+            print(f"{name:20s} (no evaluation: rc={done.get(name)})")
             continue
         rows = ki_row(ev)
         summary["runs"][name] = {"seconds": done[name][1], "ki_vs_reference": rows}
+        if "ki_vs_truth" in json.loads(ev.read_text())["tables"]:
+            summary["runs"][name]["ki_vs_truth"] = ki_row(ev, "ki_vs_truth")
         for method in ("proposed", "proposed_late", "direct"):
             if method not in rows:
                 continue
@@ -204,13 +223,13 @@ def main():
                 and p["nrmse"] <= PAPER["nrmse"]
             )
             print(
-                f"{name:14s} {method:14s} {p['ssim']:+7.2f}% {p['psnr']:+7.2f}% {p['nrmse']:+7.2f}%"
-                f"  {'met' if met else 'no':6s} {done[name][1]:.0f}"
+                f"{name:20s} {method:14s} {p['ssim']:+7.2f}% {p['psnr']:+7.2f}% {p['nrmse']:+7.2f}%"
+                f"  {'met' if met else 'no':6s} {rows[method]['ssim']:10.4f}  {done[name][1]:.0f}"
             )
         if "direct" in rows:
             beats = rows["proposed"]["ssim"] > rows["direct"]["ssim"]
             print(
-                f"{'':14s} kinetic SSIM {rows['proposed']['ssim']:.4f} vs direct "
+                f"{'':20s} kinetic SSIM {rows['proposed']['ssim']:.4f} vs direct "
                 f"{rows['direct']['ssim']:.4f}: {'beats' if beats else 'does not beat'} it"
             )
     (root / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.init_params = (0.05, 0.1, 0.2, 0.05, 0.005)  # head output at init: typical soft tissue
     m.point_samples = False  # True: frames as point samples at frame start, no decay (authors)
     m.dtype = "float32"  # compute dtype of the networks ('float32' or 'bfloat16')
+    # Network input: 'none' (the paper: SUV frames) or 'plasma' (frames divided by the subject's
+    # mean plasma SUV over the input window, training.plasma_scale).
+    m.input_norm = "none"
 
     config.data = d = ml_collections.ConfigDict()
     d.root = ""  # BIDS-PET root; empty: a cohort simulated once into <workdir>/data
@@ -67,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     # paper) or 'splice' (measured early + predicted late frames, the series the proposed Ki is
     # computed on, and what the direct ablation's loss sees anyway).
     lo.patlak_frames = "model"
+    # Weight of a Huber term on the early (input) frames, which the kinetic model predicts too:
+    # 0 is the paper (the early frames enter only through the Patlak term).
+    lo.early_weight = 0.0
 
     config.optim = o = ml_collections.ConfigDict()
     o.name = "adam"  # 'adam' (paper) or 'rmsprop' (authors' code)

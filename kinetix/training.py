@@ -13,6 +13,7 @@ Shape of the loop (big_vision / flax examples):
 """
 
 import json
+import math
 import os
 import pathlib
 import time
@@ -80,6 +81,17 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         raise ValueError("config.loss.patlak_slope must be 'reference' or 'prediction'.")
     if config.loss.get("patlak_frames", "model") not in ("model", "splice"):
         raise ValueError("config.loss.patlak_frames must be 'model' or 'splice'.")
+    if config.model.get("input_norm", "none") not in ("none", "plasma"):
+        raise ValueError(
+            f"config.model.input_norm must be 'none' or 'plasma', got {config.model.input_norm!r}."
+        )
+    early_weight = config.loss.get("early_weight", 0.0)
+    if not (isinstance(early_weight, (int, float)) and math.isfinite(early_weight)) or (
+        early_weight < 0
+    ):
+        raise ValueError(
+            f"config.loss.early_weight must be a finite number >= 0, got {early_weight!r}."
+        )
     if config.optim.name not in ("adam", "rmsprop"):
         raise ValueError(
             f"config.optim.name must be 'adam' or 'rmsprop', got {config.optim.name!r}."
@@ -159,10 +171,18 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
     """All T frames of the prediction [B,H,W,T] (+ the 2TCM parameters for kinetic models).
 
     Kinetic: U-Net → head → 2TCM → every frame. Direct: measured early frames followed by the
-    predicted late ones (the model has no parameters, `None` is returned for them).
+    predicted late ones (the model has no parameters, `None` is returned for them). With
+    ``config.model.input_norm == "plasma"`` the network sees the early frames divided by each
+    example's `plasma_scale` (a direct model's outputs are multiplied back by it).
     """
     model = nnx.merge(graphdef, params)
-    out = model(frames_early)
+    scale = None
+    if config.model.get("input_norm", "none") == "plasma":
+        t_end = float(schedule.end[config.model.n_early - 1])
+        scale = plasma_scale(inp, t_end).astype(frames_early.dtype)  # [B] SUV
+        out = model(frames_early / scale[:, None, None, None])
+    else:
+        out = model(frames_early)
     if config.model.kind == "kinetic":
         pred = models.params_to_frames(
             out,
@@ -173,12 +193,48 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
             blood=blood,
         )
         return pred, out
-    return jnp.concatenate([frames_early, out.astype(frames_early.dtype)], axis=-1), None
+    late = out.astype(frames_early.dtype)
+    if scale is not None:
+        late = late * scale[:, None, None, None]  # back to SUV
+    return jnp.concatenate([frames_early, late], axis=-1), None
+
+
+def plasma_scale(inp, t_end: float) -> jax.Array:
+    """Each example's mean plasma activity over [0, t_end]: ∫0^t_end Cp dt / t_end.
+
+    `model.input_norm = "plasma"` divides the network's input frames by it, so the input is in
+    units of the subject's own plasma level: the 2TCM parameters do not change when the whole
+    input function is scaled (the frames scale with it), and the network no longer has to guess
+    a subject's plasma amplitude, which it cannot see in the images, to find them.
+
+    Args:
+      inp: batched plasma input (leaves [B, K]), SUV, minutes.
+      t_end: end of the input window (min), e.g. 35.
+
+    Returns:
+      [B] mean plasma SUV (positive for any real input curve).
+    """
+    return jax.vmap(lambda i: i.integral(jnp.asarray(t_end, jnp.float32)) / t_end)(inp)
 
 
 def compute_loss(pred, batch, x, cp, config, schedule):
     late, linear = losses.frame_indices(schedule, config.model.n_early, config.kinetics.t_star)
     mask = batch["mask"] * batch["valid"][:, None, None]
+    loss, parts = _objective(pred, batch, mask, x, cp, late, linear, config)
+    early_weight = float(config.loss.get("early_weight", 0.0))
+    if early_weight > 0 and config.model.kind == "kinetic":
+        # The 2TCM also predicts the measured input frames: ask it to explain them.
+        n_early = config.model.n_early
+        l_early = losses.suv_loss(
+            pred[..., :n_early], batch["frames"][..., :n_early], mask, config.loss.huber_delta
+        )
+        loss = loss + early_weight * l_early
+        parts = {**parts, "loss_early": l_early}
+    return loss, parts
+
+
+def _objective(pred, batch, mask, x, cp, late, linear, config):
+    """The paper's (or the authors') loss on the prediction, without the early-frame term."""
     if config.loss.get("patlak_frames", "model") == "splice":
         # The measured early frames followed by the predicted late ones (a no-op for the direct
         # model, whose prediction is already this splice).

@@ -137,3 +137,31 @@ def test_splice_option_sees_measured_early_frames():
     config.loss.patlak_frames = "both"
     with pytest.raises(ValueError, match="patlak_frames"):
         training.validate_config(config, SCHED, (16, 16))
+
+
+def test_early_weight_adds_a_huber_term_on_the_input_frames():
+    """loss.early_weight = w adds w · mean Huber over the early frames for the kinetic model
+    (hand value), nothing at w = 0 or for the direct model, and rejects a negative weight."""
+    from configs import smoke
+    from kinetix import training
+
+    frames, x, cp = _linear_patlak_batch(jnp.full((2, 3, 3), 0.03), jnp.full((2, 3, 3), 0.4))
+    batch = {"frames": frames, "mask": jnp.ones((2, 3, 3)), "valid": jnp.ones((2,))}
+    config = smoke.get_config()
+    # Frames 0–4 off by 2 SUV (Huber, δ = 1: 1.5 each), frame 5 by 0.5 (0.125): mean over 22.
+    pred = frames.at[..., :5].add(2.0).at[..., 5].add(-0.5)
+    base, parts0 = training.compute_loss(pred, batch, x, cp, config, SCHED)
+    assert "loss_early" not in parts0
+    config.loss.early_weight = 0.5
+    loss, parts = training.compute_loss(pred, batch, x, cp, config, SCHED)
+    expected = (5 * 1.5 + 0.125) / 22
+    np.testing.assert_allclose(parts["loss_early"], expected, rtol=1e-5)
+    np.testing.assert_allclose(loss, base + 0.5 * expected, rtol=1e-5)
+    config.model.kind = "direct"
+    loss_direct, parts_direct = training.compute_loss(pred, batch, x, cp, config, SCHED)
+    assert "loss_early" not in parts_direct
+    np.testing.assert_allclose(loss_direct, base, rtol=1e-6)
+    config.model.kind = "kinetic"
+    config.loss.early_weight = -1.0
+    with pytest.raises(ValueError, match="early_weight"):
+        training.validate_config(config, SCHED, (16, 16))

@@ -216,3 +216,48 @@ def test_configure_host_devices_in_a_fresh_process():
     n, count, flags = out.stdout.split(maxsplit=2)
     assert (n, count) == ("2", "2")
     assert "--xla_cpu_multi_thread_eigen=false" in flags
+
+
+@pytest.mark.parametrize("kind", ["kinetic", "direct"])
+def test_plasma_input_norm_makes_predictions_scale_equivariant(cohort_root, kind):
+    """model.input_norm = 'plasma': scaling a subject's input function and frames by a (a
+    different dose or clearance) leaves the kinetic model's parameters unchanged and scales
+    every predicted frame by a; without it the network sees a different input. The scale is
+    the mean plasma over the input window (hand value on a ramp)."""
+    import kinetix.kinetics as kk
+
+    config = smoke_config(cohort_root)
+    config.model.kind = kind
+    cohort = pipeline.Cohort.from_bids(cohort_root)
+    batch = next(pipeline.eval_batches(cohort, cohort.subjects, 4, input_points=64))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    graphdef, _, state = training.create_train_state(config)
+    n_early = config.model.n_early
+
+    def predict(b, norm):
+        # Batched inputs are built inside jit, as in the train and eval steps.
+        config.model.input_norm = norm
+
+        def run(b):
+            inp, blood = training.batch_inputs(b, True)
+            early = b["frames"][..., :n_early]
+            return training.predict_frames(
+                graphdef, state["params"], early, inp, blood, config, cohort.schedule
+            )
+
+        return jax.jit(run)(b)
+
+    a = 1.7
+    scaled = {**batch, **{k: batch[k] * a for k in ("frames", "plasma", "whole_blood")}}
+    pred, params = predict(batch, "plasma")
+    pred_a, params_a = predict(scaled, "plasma")
+    np.testing.assert_allclose(pred_a, a * pred, rtol=2e-5, atol=1e-6 * float(jnp.max(pred)))
+    if kind == "kinetic":
+        np.testing.assert_allclose(params_a, params, rtol=2e-5, atol=1e-7)
+        raw, _ = predict(batch, "none")
+        raw_a, _ = predict(scaled, "none")
+        assert float(jnp.max(jnp.abs(raw_a - a * raw))) > 1e-3 * float(jnp.max(raw))
+    # Ramp 0 → 2 SUV over 0–10 min, held after: mean over 0–35 min = (10 + 50) / 35.
+    ramp = jax.jit(lambda t, v: training.plasma_scale(kk.SampledInput(t, v), 35.0))
+    got = ramp(jnp.array([[0.0, 10.0]]), jnp.array([[0.0, 2.0]]))
+    np.testing.assert_allclose(got, [60.0 / 35.0], rtol=1e-6)
