@@ -122,10 +122,10 @@ def run_all(jobs, parallel, deadline=None):
     return done
 
 
-def ki_row(metrics_path, table="ki_vs_reference"):
-    tables = json.loads(pathlib.Path(metrics_path).read_text())["tables"][table]
+def ki_row(table):
+    """{method: {ssim, psnr, nrmse, nmi, pct}} from one table of an evaluation's metrics.json."""
     out = {}
-    for method, m in tables["methods"].items():
+    for method, m in table["methods"].items():
         out[method] = {k: m[k]["mean"] for k in ("ssim", "psnr", "nrmse", "nmi")}
         out[method]["pct"] = m["relative_change_pct"]
     return out
@@ -209,10 +209,11 @@ def main():
         if not ev.exists():
             print(f"{name:20s} (no evaluation: rc={done.get(name)})")
             continue
-        rows = ki_row(ev)
+        tables = json.loads(ev.read_text())["tables"]
+        rows = ki_row(tables["ki_vs_reference"])
         summary["runs"][name] = {"seconds": done[name][1], "ki_vs_reference": rows}
-        if "ki_vs_truth" in json.loads(ev.read_text())["tables"]:
-            summary["runs"][name]["ki_vs_truth"] = ki_row(ev, "ki_vs_truth")
+        if "ki_vs_truth" in tables:
+            summary["runs"][name]["ki_vs_truth"] = ki_row(tables["ki_vs_truth"])
         for method in ("proposed", "proposed_late", "direct"):
             if method not in rows:
                 continue

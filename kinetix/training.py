@@ -176,13 +176,12 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
     example's `plasma_scale` (a direct model's outputs are multiplied back by it).
     """
     model = nnx.merge(graphdef, params)
-    scale = None
+    x, scale = frames_early, None
     if config.model.get("input_norm", "none") == "plasma":
         t_end = float(schedule.end[config.model.n_early - 1])
         scale = plasma_scale(inp, t_end).astype(frames_early.dtype)  # [B] SUV
-        out = model(frames_early / scale[:, None, None, None])
-    else:
-        out = model(frames_early)
+        x = frames_early / scale[:, None, None, None]
+    out = model(x)
     if config.model.kind == "kinetic":
         pred = models.params_to_frames(
             out,
