@@ -15,8 +15,9 @@ authors' variant (predicted frames only) against the 65-min reference, as % chan
 30-min baseline, next to the paper's margins (SSIM +2.27 %, PSNR +7.04 %, NRMSE −16.3 %), and
 the direct ablation's SSIM. Everything also goes to ROOT/summary.json. Extra `--set key=value`
 arguments are passed to every run as `--config.key=value`; each `--variant NAME:k=v;k=v` adds a
-kinetic run per training length with those overrides (named NAME-N), evaluated like the plain
-kinetic one, e.g. `--variant "early:loss.early_weight=1.0"`.
+run per training length with those overrides (named NAME-N), evaluated like the plain kinetic
+one, e.g. `--variant "early:loss.early_weight=1.0"`; a variant may set `model.kind=direct` (a
+direct ablation with its own settings, e.g. `"dir1:model.kind=direct;model.input_norm=none"`).
 """
 
 import argparse
@@ -145,7 +146,10 @@ def main():
         "--variant",
         action="append",
         default=[],
-        help="NAME:key=value;key=value: an extra kinetic run per length with these overrides",
+        help=(
+            "NAME:key=value;key=value: an extra run per length with these overrides (kinetic "
+            "unless they set model.kind=direct)"
+        ),
     )
     args = ap.parse_args()
     variants = {"kinetic": []}

@@ -30,6 +30,11 @@ nodule still gives a 3×3 ROI. Bland–Altman statistics (bias, 95 % limits of a
 bias ± 1.96·SD, SD with ddof = 1) compare each method's ROI-mean Ki against the reference (and
 against the truth), plus a voxel-level variant over all ROI voxels (closer to the paper's plot).
 
+Per tissue (when the truth has a label map): each label's mean late-frame SUV (measured, each
+network's prediction, the noise-free truth) and mean Ki of every method over the masked voxels,
+with the bias of the mean against the truth in % (`metrics.json` "tissues", a report section):
+where the per-slice metrics say how well, this says in which organ a method is high or low.
+
 Outputs under `out_dir` (default `workdir/eval`, overwritten): `metrics.json`, `report.md`,
 `per_slice.csv` and `figures/*.png` (see kinetix.report).
 """
@@ -71,14 +76,17 @@ from kinetix.evaluate_tables import (  # noqa: F401
     LOA_Z,
     ROI_MIN_SIDE,
     ROI_NOTE,
+    TISSUE_NOTE,
     _as_json,
     _write_per_slice_csv,
+    add_label_sums,
     bland_altman,
     bland_altman_groups,
     connected_components,
     conventions,
     summarize,
     summarize_table,
+    tissue_bias,
     tumour_rois,
 )
 
@@ -178,6 +186,8 @@ def evaluate_run(
     ids = {"subject": [], "slice": []}
     rois: list[dict] = []
     roi_voxels: dict[str, list[np.ndarray]] = {}
+    tissue_sums: dict[str, dict] = {"late_frames": {}, "ki": {}}
+    label_names: dict[int, str] = {}
     quota = dict(zip(subjects, _figure_quota(len(subjects), max(max_figures, 0)), strict=True))
     wanted: dict[str, list[int]] = {}
     examples: list[dict] = []
@@ -222,7 +232,8 @@ def evaluate_run(
         truth_slices = None
         if has_truth:
             for s in set(names) - set(truth_cache):
-                truth_cache[s] = _load_truth(root, s, cohort, cohort.study(s).frames.shape[:3])
+                grid = cohort.study(s).frames.shape[:3]
+                truth_cache[s] = _load_truth(root, s, cohort, grid, n_early)
             for s in set(truth_cache) - set(names):
                 del truth_cache[s]
             truth_slices = [truth_cache[s] for s in names]
@@ -260,6 +271,16 @@ def evaluate_run(
             tr = truth_slices[b] if truth_slices is not None else None
             labels2d = tr["labels"][:, :, z] if tr is not None else None
             if tr is not None:
+                late = {
+                    "truth": tr["late_suv"][:, :, z],
+                    "measured": measured[b, ..., n_early:].mean(-1),
+                    "proposed": pred[b, ..., n_early:].mean(-1),
+                }
+                if direct_raw is not None:
+                    late["direct"] = direct_raw[b, ..., n_early:].mean(-1)
+                add_label_sums(tissue_sums["late_frames"], labels2d, mask[b], late)
+                add_label_sums(tissue_sums["ki"], labels2d, mask[b], {m: ki[m][b] for m in ki})
+                label_names.update(tr["label_names"])
                 for r in tumour_rois(labels2d, tr["tumour_ids"]):
                     roi = r["roi"]
                     rois.append(
@@ -374,6 +395,10 @@ def evaluate_run(
             for t in per_subject
         },
         "bland_altman": {"note": ba_note, "n_rois": len(rois), **ba, "rois": rois},
+        "tissues": {
+            "note": TISSUE_NOTE if has_truth else "No truth label map: no per-tissue table.",
+            **{k: tissue_bias(v, label_names) for k, v in tissue_sums.items() if has_truth},
+        },
         "figures": figures,
     }
     result_metrics["run"]["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -14,6 +14,7 @@ import numpy as np
 
 import kinetix.kinetics as kk
 from kinetix.data import bids
+from kinetix.losses import splice  # noqa: F401  (re-exported: kinetix.evaluate.splice)
 
 METHOD_LABELS = {
     "reference": "65-min Patlak (reference)",
@@ -129,11 +130,6 @@ def batch_ki(frames, x, cp, *, idx, method):
     return kk.fit_line(xs, y, method=method)[0]
 
 
-def splice(measured: np.ndarray, predicted: np.ndarray, n_early: int) -> np.ndarray:
-    """Measured frames [..., :n_early] followed by predicted frames [..., n_early:] ([..., T])."""
-    return np.concatenate([measured[..., :n_early], predicted[..., n_early:]], axis=-1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Ground truth
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +174,9 @@ def find_truth_root(cohort, subjects, truth_root=None) -> tuple[pathlib.Path | N
     return None, "no true Ki: the cohort has no derivatives/truth (not simulated)"
 
 
-def _load_truth(root, subject, cohort, grid) -> dict:
+def _load_truth(root, subject, cohort, grid, n_early: int | None = None) -> dict:
+    """One subject's truth: Ki, labels, tumour labels, the noise-free last frame in SUV and, with
+    ``n_early``, the mean of the noise-free frames after the first n_early (SUV, [X, Y, Z])."""
     t = bids.read_truth(root, subject)
     if t["ki"].shape != tuple(grid):
         raise ValueError(
@@ -189,10 +187,12 @@ def _load_truth(root, subject, cohort, grid) -> dict:
         for i, name in t["label_names"].items()
         if any(p in name.lower() for p in TUMOUR_NAME_PARTS)
     ]
+    suv = np.float32(cohort.study(subject).suv_factor)
     return {
         "ki": t["ki"],
         "labels": t["labels"],
         "label_names": t["label_names"],
         "tumour_ids": tumour_ids,
-        "last_frame_suv": t["noisefree"][..., -1] * np.float32(cohort.study(subject).suv_factor),
+        "last_frame_suv": t["noisefree"][..., -1] * suv,
+        "late_suv": None if n_early is None else t["noisefree"][..., n_early:].mean(-1) * suv,
     }

@@ -1,8 +1,9 @@
 """Tables and statistics of the held-out evaluation (`kinetix.evaluate`).
 
 Tumour ROIs (`tumour_rois`) and Bland–Altman agreement (`bland_altman`, `bland_altman_groups`),
-per-slice metric summaries (`summarize`, `summarize_table`), the evaluation conventions written
-to metrics.json and report.md (`conventions`), strict-JSON conversion and the per-slice CSV.
+per-slice metric summaries (`summarize`, `summarize_table`), per-tissue means and biases against
+the simulation's truth (`add_label_sums`, `tissue_bias`), the evaluation conventions written to
+metrics.json and report.md (`conventions`), strict-JSON conversion and the per-slice CSV.
 """
 
 import csv
@@ -119,6 +120,73 @@ def bland_altman(method, reference) -> dict:
         "loa_low": bias - LOA_Z * sd,
         "loa_high": bias + LOA_Z * sd,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Per tissue
+# ----------------------------------------------------------------------------------------------
+TISSUE_NOTE = (
+    "Per tissue label of the simulation, over the evaluation mask of the held-out slices: the "
+    "mean of the late frames (those after the network's input frames, 35-65 min in the "
+    "paper's schedule; SUV: measured, predicted by each network, and the noise-free truth) "
+    "and of each Ki map (mL/min/mL), with the bias of the mean against the truth in %. "
+    "Partial volume (PSF) mixes neighbouring tissues into each label's voxels."
+)
+
+
+def add_label_sums(sums: dict, labels: np.ndarray, mask: np.ndarray, maps: dict) -> None:
+    """Add one slice's per-label voxel counts and sums of each map to ``sums``, in place.
+
+    Args:
+      sums: {label: {"n": voxels, name: sum}}, accumulated over slices (start with {}).
+      labels: [H, W] non-negative integer tissue labels.
+      mask: [H, W] evaluation mask; voxels with mask > 0 count.
+      maps: {name: [H, W] values} (e.g. mean late-frame SUV per method, or Ki in mL/min/mL).
+    """
+    inside = np.asarray(mask) > 0
+    lab = np.asarray(labels)[inside].astype(np.int64)
+    if lab.size == 0:
+        return
+    if lab.min() < 0:
+        raise ValueError("Tissue labels must be non-negative integers.")
+    counts = np.bincount(lab)
+    totals = {
+        name: np.bincount(lab, weights=np.asarray(m, np.float64)[inside], minlength=counts.size)
+        for name, m in maps.items()
+    }
+    for i in np.nonzero(counts)[0]:
+        entry = sums.setdefault(int(i), {"n": 0})
+        entry["n"] += int(counts[i])
+        for name, t in totals.items():
+            entry[name] = entry.get(name, 0.0) + float(t[i])
+
+
+def tissue_bias(sums: dict, label_names: dict, reference: str = "truth") -> dict:
+    """Per tissue: the mean of every map over its voxels, and each method's bias in %.
+
+    Args:
+      sums: `add_label_sums`'s accumulator.
+      label_names: {label: name}; labels without a name are called by their number.
+      reference: the map the biases refer to.
+
+    Returns:
+      {tissue name: {"n_voxels", "mean": {name: mean}, "bias_pct": {method: 100 · (mean /
+      reference mean − 1)}}} in label order; a bias is NaN where the reference mean is 0.
+    """
+    out = {}
+    for i in sorted(sums):
+        entry = sums[i]
+        n = entry["n"]
+        means = {k: v / n for k, v in entry.items() if k != "n"}
+        ref = means[reference]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bias = {
+                k: float(100.0 * (v / ref - 1.0)) if ref != 0 else math.nan
+                for k, v in means.items()
+                if k != reference
+            }
+        out[str(label_names.get(i, i))] = {"n_voxels": n, "mean": means, "bias_pct": bias}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

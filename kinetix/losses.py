@@ -27,6 +27,16 @@ import numpy as np
 import kinetix.kinetics as kk
 
 
+def splice(measured, predicted, n_early: int):
+    """Measured frames [..., :n_early] followed by predicted frames [..., n_early:] ([..., T]).
+
+    The series the proposed Ki is fitted on (and, with `loss.patlak_frames = 'splice'`, the
+    Patlak term's); NumPy in, NumPy out; JAX arrays (or tracers) in, JAX out.
+    """
+    xp = jnp if isinstance(measured, jax.Array) or isinstance(predicted, jax.Array) else np
+    return xp.concatenate([measured[..., :n_early], predicted[..., n_early:]], axis=-1)
+
+
 def huber(residual, delta: float):
     """Elementwise Huber loss (PyTorch `HuberLoss` convention: ½r² inside δ, δ(|r| − ½δ) out)."""
     a = jnp.abs(residual)

@@ -489,6 +489,41 @@ def _md_bland_altman(metrics: dict) -> str:
     return "\n".join(parts)
 
 
+LATE_FRAME_LABELS = {
+    "measured": "measured",
+    "proposed": "kinetix (predicted)",
+    "direct": "direct net (predicted)",
+}
+"""Display names of the late-frame columns of the per-tissue table."""
+
+
+def _md_tissue_table(per_tissue: dict, labels: dict, unit: str) -> str:
+    """One per-tissue table: tissue, voxels, true mean, then each method's mean (bias %)."""
+    methods = list(next(iter(per_tissue.values()))["bias_pct"])
+    head = ["tissue", "voxels", f"truth ({unit})"] + [labels.get(m, m) for m in methods]
+    rows = []
+    for name, e in per_tissue.items():
+        cells = [name, str(e["n_voxels"]), _sig(e["mean"]["truth"])]
+        for m in methods:
+            bias = e["bias_pct"][m]
+            pct = "" if bias is None or not math.isfinite(bias) else f" ({bias:+.1f} %)"
+            cells.append(_sig(e["mean"][m]) + pct)
+        rows.append(cells)
+    return _md_table(head, rows)
+
+
+def _md_tissues(metrics: dict) -> str:
+    t = metrics.get("tissues", {})
+    parts = [t.get("note", "")]
+    if t.get("late_frames"):
+        parts += ["", "Late frames, mean SUV (bias against the noise-free truth):", ""]
+        parts.append(_md_tissue_table(t["late_frames"], LATE_FRAME_LABELS, "SUV"))
+    if t.get("ki"):
+        parts += ["", "Ki, mean mL/min/mL (bias against the true Ki):", ""]
+        parts.append(_md_tissue_table(t["ki"], metrics["labels"], "mL/min/mL"))
+    return "\n".join(parts)
+
+
 def markdown_report(metrics: dict) -> str:
     """`report.md`: run summary, comparison tables, per-subject table, Bland–Altman, figures,
     conventions."""
@@ -526,6 +561,8 @@ def markdown_report(metrics: dict) -> str:
             "",
         ]
     lines += ["## Tumour ROIs: Bland-Altman", "", _md_bland_altman(metrics), ""]
+    if metrics.get("tissues", {}).get("late_frames"):
+        lines += ["## Per tissue (against the simulation's truth)", "", _md_tissues(metrics), ""]
     lines += ["## Figures", ""]
     for fig in metrics["figures"]:
         lines += [f"![{fig['caption']}]({fig['path']})", "", f"*{fig['caption']}*", ""]

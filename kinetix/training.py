@@ -237,8 +237,7 @@ def _objective(pred, batch, mask, x, cp, late, linear, config):
     if config.loss.get("patlak_frames", "model") == "splice":
         # The measured early frames followed by the predicted late ones (a no-op for the direct
         # model, whose prediction is already this splice).
-        n_early = config.model.n_early
-        pred = jnp.concatenate([batch["frames"][..., :n_early], pred[..., n_early:]], axis=-1)
+        pred = losses.splice(batch["frames"], pred, config.model.n_early)
     if config.loss.kind == "paper":
         return losses.paper_loss(
             pred,

@@ -335,6 +335,53 @@ def test_rois_and_bland_altman_against_hand_computation(oracle_run):
     assert prop["bias"] == 0.0 and prop["sd"] == 0.0
 
 
+def test_per_tissue_table_of_the_oracle_run(oracle_run):
+    """Oracle = measured = noise-free truth here: zero late-frame bias; direct = 0.9 × it."""
+    result, workdir = oracle_run
+    t = result["metrics"]["tissues"]
+    assert set(t["late_frames"]) == {"soft_tissue", "liver", "nodule_benign", "nodule_malignant"}
+    for name, e in t["late_frames"].items():
+        assert e["n_voxels"] == t["ki"][name]["n_voxels"] > 0
+        assert e["bias_pct"]["measured"] == pytest.approx(0.0, abs=1e-4), name
+        assert e["bias_pct"]["proposed"] == pytest.approx(0.0, abs=1e-4), name
+        assert e["bias_pct"]["direct"] == pytest.approx(-10.0, abs=1e-4), name
+        ki = t["ki"][name]["mean"]
+        assert ki["proposed"] == pytest.approx(ki["reference"], rel=1e-6), name
+    # Two one-voxel nodules of each kind in the two subjects (NODULES), inside the mask.
+    assert t["late_frames"]["nodule_malignant"]["n_voxels"] == 2 * 2
+    assert t["late_frames"]["nodule_benign"]["n_voxels"] == 1 * 2
+    text = (workdir / "eval" / "report.md").read_text()
+    assert "## Per tissue (against the simulation's truth)" in text
+    assert "(-10.0 %)" in text
+
+
+def test_tissue_sums_and_bias_by_hand():
+    labels = np.array([[0, 1, 1], [2, 2, 7]])
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)  # (0, 2) is outside
+    truth = np.array([[5.0, 2.0, 100.0], [4.0, 6.0, 0.0]])
+    pred = np.array([[1.0, 3.0, -100.0], [4.0, 4.0, 1.0]])
+    sums: dict = {}
+    evaluate.add_label_sums(sums, labels, mask, {"truth": truth, "pred": pred})
+    evaluate.add_label_sums(
+        sums, labels[:, :2], mask[:, :2], {"truth": truth[:, :2], "pred": pred[:, :2]}
+    )
+    assert sums == {
+        0: {"n": 2, "truth": 10.0, "pred": 2.0},
+        1: {"n": 2, "truth": 4.0, "pred": 6.0},
+        2: {"n": 4, "truth": 20.0, "pred": 16.0},
+        7: {"n": 1, "truth": 0.0, "pred": 1.0},
+    }
+    out = evaluate.tissue_bias(sums, {0: "air", 1: "a", 2: "b"})
+    assert list(out) == ["air", "a", "b", "7"]
+    assert out["a"]["mean"] == {"truth": 2.0, "pred": 3.0}
+    assert out["a"]["bias_pct"]["pred"] == pytest.approx(50.0)
+    assert out["b"]["bias_pct"]["pred"] == pytest.approx(-20.0)
+    assert out["air"]["bias_pct"]["pred"] == pytest.approx(-80.0)
+    assert math.isnan(out["7"]["bias_pct"]["pred"])  # reference mean 0
+    with pytest.raises(ValueError, match="non-negative"):
+        evaluate.add_label_sums({}, -labels, mask, {"truth": truth})
+
+
 def test_bland_altman_hand_numbers():
     st = evaluate.bland_altman([1.0, 2.0, 3.0, 4.0], [1.5, 1.5, 3.5, 3.0])
     # d = [-0.5, 0.5, -0.5, 1.0]: bias 0.125, SD = sqrt(1.6875 / 3) = 0.75.

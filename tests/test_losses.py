@@ -165,3 +165,14 @@ def test_early_weight_adds_a_huber_term_on_the_input_frames():
     config.loss.early_weight = -1.0
     with pytest.raises(ValueError, match="early_weight"):
         training.validate_config(config, SCHED, (16, 16))
+
+
+def test_splice_keeps_measured_early_and_predicted_late_frames():
+    measured = np.arange(12.0).reshape(2, 6)
+    predicted = -np.arange(12.0).reshape(2, 6)
+    out = losses.splice(measured, predicted, 4)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, [[0, 1, 2, 3, -4, -5], [6, 7, 8, 9, -10, -11]])
+    jitted = jax.jit(losses.splice, static_argnums=2)(jnp.asarray(measured), predicted, 4)
+    assert isinstance(jitted, jax.Array)
+    np.testing.assert_array_equal(jitted, out)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import _cli
 import nibabel as nib
 import numpy as np
 import pytest
@@ -98,7 +99,8 @@ def test_predict_odd_sizes_and_frame_counts(trained, tmp_path, shape, n_frames):
         predict.write_outputs(result, study, out)
 
 
-def test_predict_cli_and_bad_inputs(trained, tmp_path):
+def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
+    environ = _cli.env(None, _cli.cache_dir(tmp_path_factory))  # reuses this session's compiles
     pet = write_study(tmp_path / "bids", (16, 16, 2), 28)
     cmd = [
         sys.executable,
@@ -113,12 +115,12 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path):
         "--batch_slices",
         "4",
     ]
-    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=environ)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "out" / "sub-99_desc-predicted_pet.nii.gz").exists()
 
     def fails(args, match, clean=True):
-        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=environ)
         assert r.returncode == 2, r.stderr
         assert "kinetix.predict: error:" in r.stderr and match in r.stderr, r.stderr
         if clean:  # orbax's background threads may print teardown noise after a failed restore

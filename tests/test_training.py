@@ -140,6 +140,7 @@ def test_train_step_traces_once(cohort_root):
         ("data.batch_size", 3, "multiple of the 4 devices"),
         ("data.expected_frames", 30, "expected_frames is 30"),
         ("model.n_early", 28, "leaves no frame to predict"),
+        ("model.input_norm", "suv", "input_norm must be 'none' or 'plasma', got 'suv'"),
     ],
 )
 def test_bad_config_gives_one_clear_sentence(cohort_root, tmp_path, field, value, match):
