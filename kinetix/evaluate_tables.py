@@ -179,12 +179,11 @@ def tissue_bias(sums: dict, label_names: dict, reference: str = "truth") -> dict
         n = entry["n"]
         means = {k: v / n for k, v in entry.items() if k != "n"}
         ref = means[reference]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            bias = {
-                k: float(100.0 * (v / ref - 1.0)) if ref != 0 else math.nan
-                for k, v in means.items()
-                if k != reference
-            }
+        bias = {
+            k: 100.0 * (v / ref - 1.0) if ref != 0 else math.nan
+            for k, v in means.items()
+            if k != reference
+        }
         out[str(label_names.get(i, i))] = {"n_voxels": n, "mean": means, "bias_pct": bias}
     return out
 
