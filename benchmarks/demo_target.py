@@ -18,6 +18,13 @@ arguments are passed to every run as `--config.key=value`; each `--variant NAME:
 run per training length with those overrides (named NAME-N), evaluated like the plain kinetic
 one, e.g. `--variant "early:loss.early_weight=1.0"`; a variant may set `model.kind=direct` (a
 direct ablation with its own settings, e.g. `"dir1:model.kind=direct;model.input_norm=none"`).
+`--no-plain` leaves out the plain kinetic run (only the variants). `--seeds 0,1,2` repeats
+every run with `--config.seed=S` (another subject split and initialisation, same cohort; runs
+named NAME-N-sS) and ends with a table of every run's proposed SSIM per seed and the mean ± SD
+over the seeds of its % changes:
+
+    python benchmarks/demo_target.py --root runs/seeds --steps 1200 --direct "" --seeds 0,1,2 \\
+        --variant "dirnone:model.kind=direct;model.input_norm=none"
 """
 
 import argparse
@@ -132,6 +139,50 @@ def ki_row(table):
     return out
 
 
+def seed_table(runs, variants, lengths, seeds):
+    """Print each run's proposed SSIM per seed and the mean ± SD of its % changes; return them.
+
+    ``runs`` is the summary's {run name: {"ki_vs_reference": ki_row(...)}}; a run that has no
+    evaluation is left out of its mean (and counted in "n").
+    """
+    import numpy as np
+
+    out = {}
+    print(f"\nOver seeds {seeds}: proposed Ki SSIM per seed, then mean ± SD of the % change")
+    print(
+        f"{'run':16s} "
+        + " ".join(f"{'s' + str(x):>7s}" for x in seeds)
+        + "   SSIM %  PSNR %  NRMSE %  n"
+    )
+    for n in lengths:
+        for v in variants:
+            rows = [runs.get(f"{v}-{n}-s{x}", {}).get("ki_vs_reference", {}) for x in seeds]
+            ssim = [r["proposed"]["ssim"] if r else float("nan") for r in rows]
+            pct = {
+                k: np.array([r["proposed"]["pct"][k] for r in rows if r])
+                for k in ("ssim", "psnr", "nrmse")
+            }
+            stats = {
+                k: (float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan"))
+                for k, a in pct.items()
+                if a.size
+            }
+            out[f"{v}-{n}"] = {
+                "ssim_per_seed": [None if np.isnan(x) else x for x in ssim],
+                "pct_mean_sd": {
+                    k: [None if np.isnan(x) else x for x in m] for k, m in stats.items()
+                },
+                "n": len(pct["ssim"]),
+            }
+            cells = " ".join(f"{x:7.4f}" for x in ssim)
+            means = "  ".join(
+                f"{stats[k][0]:+.2f}±{stats[k][1]:.2f}" if k in stats else "   –   "
+                for k in ("ssim", "psnr", "nrmse")
+            )
+            print(f"{v + '-' + str(n):16s} {cells}   {means}  {len(pct['ssim'])}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,6 +194,15 @@ def main():
     ap.add_argument("--deadline", type=float, default=None, help="stop training after S seconds")
     ap.add_argument("--set", action="append", default=[], help="key=value config override")
     ap.add_argument(
+        "--seeds", default="", help="comma-separated config.seed values: every run once per seed"
+    )
+    ap.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the plain kinetic (demo) configuration besides the variants",
+    )
+    ap.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -152,12 +212,17 @@ def main():
         ),
     )
     args = ap.parse_args()
-    variants = {"kinetic": []}
+    variants = {"kinetic": []} if args.plain else {}
     for v in args.variant:
         name, _, kvs = v.partition(":")
         if not name or name in variants or name == "direct" or not kvs:
             raise SystemExit(f"--variant {v!r}: expected a new NAME:key=value;key=value.")
         variants[name] = [kv for kv in kvs.split(";") if kv]
+    if not variants:
+        raise SystemExit("--no-plain needs at least one --variant.")
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    # (suffix, extra overrides) per seed; no --seeds: one pass with the configs' own seed.
+    passes = [(f"-s{x}", [f"seed={x}"]) for x in seeds] or [("", [])]
 
     root = pathlib.Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -168,37 +233,41 @@ def main():
     kinetic = [int(s) for s in args.steps.split(",") if s]
     direct = [int(s) for s in args.direct.split(",") if s]
     jobs = []
-    runs = [("direct", "direct", n, []) for n in direct]
-    runs += [(v, "kinetic", n, kv) for n in kinetic for v, kv in variants.items()]
-    for name, kind, n, kv in runs:
-        wd = root / f"{name}-{n}"
-        cmd = train_cmd(wd, data, n, kind, args.set + kv)
-        jobs.append((f"{name}-{n}", cmd, root / f"{name}-{n}.log"))
+    for sfx, seed_kv in passes:
+        runs = [("direct", "direct", n, []) for n in direct]
+        runs += [(v, "kinetic", n, kv) for n in kinetic for v, kv in variants.items()]
+        for name, kind, n, kv in runs:
+            run = f"{name}-{n}{sfx}"
+            cmd = train_cmd(root / run, data, n, kind, args.set + seed_kv + kv)
+            jobs.append((run, cmd, root / f"{run}.log"))
     deadline = None if args.deadline is None else t0 + args.deadline
     done = run_all(jobs, args.parallel, deadline)
 
     ev_jobs = []
-    for n in kinetic:
-        for v in variants:
-            if (
-                n in direct
-                and done.get(f"{v}-{n}", (1,))[0] == 0
-                and done.get(f"direct-{n}", (1,))[0] == 0
-            ):
-                out = root / f"{v}-{n}" / "eval_with_direct"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "kinetix.evaluate",
-                    f"--workdir={root / f'{v}-{n}'}",
-                    f"--ablation_workdir={root / f'direct-{n}'}",
-                    f"--out={out}",
-                    "--overwrite",
-                ]
-                ev_jobs.append((f"eval-{v}-{n}", cmd, root / f"eval-{v}-{n}.log"))
+    for sfx, _ in passes:
+        for n in kinetic:
+            for v in variants:
+                run, ablation = f"{v}-{n}{sfx}", f"direct-{n}{sfx}"
+                if n in direct and done.get(run, (1,))[0] == 0 and done.get(ablation, (1,))[0] == 0:
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "kinetix.evaluate",
+                        f"--workdir={root / run}",
+                        f"--ablation_workdir={root / ablation}",
+                        f"--out={root / run / 'eval_with_direct'}",
+                        "--overwrite",
+                    ]
+                    ev_jobs.append((f"eval-{run}", cmd, root / f"eval-{run}.log"))
     done.update(run_all(ev_jobs, args.parallel))
 
-    summary = {"root": str(root), "overrides": args.set, "variants": variants, "runs": {}}
+    summary = {
+        "root": str(root),
+        "overrides": args.set,
+        "variants": variants,
+        "seeds": seeds,
+        "runs": {},
+    }
     print(
         "\nKi vs the 65-min reference: % change against 30-min Patlak "
         f"(paper margins SSIM +{PAPER['ssim']}, PSNR +{PAPER['psnr']}, NRMSE {PAPER['nrmse']})"
@@ -207,7 +276,7 @@ def main():
         f"{'run':20s} {'method':14s} {'SSIM':>8s} {'PSNR':>8s} {'NRMSE':>8s}  target  "
         f"{'SSIM (abs)':>10s}  s"
     )
-    for name in [f"{v}-{n}" for n in kinetic for v in variants]:
+    for name in [f"{v}-{n}{sfx}" for sfx, _ in passes for n in kinetic for v in variants]:
         ev = root / name / "eval_with_direct" / "metrics.json"
         ev = ev if ev.exists() else root / name / "eval" / "metrics.json"
         if not ev.exists():
@@ -237,6 +306,8 @@ def main():
                 f"{'':20s} kinetic SSIM {rows['proposed']['ssim']:.4f} vs direct "
                 f"{rows['direct']['ssim']:.4f}: {'beats' if beats else 'does not beat'} it"
             )
+    if seeds:
+        summary["over_seeds"] = seed_table(summary["runs"], variants, kinetic, seeds)
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nsummary: {root / 'summary.json'} (total {time.time() - t0:.0f} s)")
 

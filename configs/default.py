@@ -30,11 +30,21 @@ def get_config() -> ml_collections.ConfigDict:
     m.bounds_lower = (0.0, 0.0, 0.0, 0.0, 0.0)  # fv, K1, k2, k3, k4 lower bounds
     m.bounds_upper = (1.0, 2.0, 3.0, 1.0, 0.2)  # upper bounds (K1 mL/min/mL, k 1/min)
     m.init_params = (0.05, 0.1, 0.2, 0.05, 0.005)  # head output at init: typical soft tissue
+    # What the head's bounded outputs are: 'rates' (the paper: fv, K1, k2, k3, k4 within the
+    # bounds above) or 'macro' (fv, K1, Vd = K1/(k2+k3), E = k3/(k2+k3), k4 within the macro
+    # bounds, converted to rates by kk.rates_from_macro; Vd in mL/mL, E unitless).
+    m.parameterization = "rates"
+    m.macro_bounds_lower = (0.0, 0.0, 0.05, 0.0, 0.0)
+    m.macro_bounds_upper = (1.0, 2.0, 2.0, 1.0, 0.2)
     m.point_samples = False  # True: frames as point samples at frame start, no decay (authors)
     m.dtype = "float32"  # compute dtype of the networks ('float32' or 'bfloat16')
     # Network input: 'none' (the paper: SUV frames) or 'plasma' (frames divided by the subject's
     # mean plasma SUV over the input window, training.plasma_scale).
     m.input_norm = "none"
+    # Head inputs beside the U-Net features: 0 (the paper) or the schedule's frame count (28):
+    # the subject's plasma input as its mean over each frame (÷ the plasma scale under
+    # input_norm = "plasma"), the same for every voxel (training.curve_features).
+    m.curve_frames = 0
 
     config.data = d = ml_collections.ConfigDict()
     d.root = ""  # BIDS-PET root; empty: a cohort simulated once into <workdir>/data
@@ -46,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.sim_noise_scale = 0.5  # image noise: scale s of the decay/duration-aware sigma
     d.val_fraction = 0.1  # subject-level split fractions (explicit lists override)
     d.test_fraction = 0.1
+    d.split_seed = -1  # seed of the random subject split; < 0: config.seed
     d.val_subjects = ()  # explicit validation subject ids, e.g. ('sub-84', ...)
     d.test_subjects = ()  # explicit test subject ids
     d.batch_size = 8  # global batch of slices (divisible by the device count)

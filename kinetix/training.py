@@ -85,6 +85,13 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         raise ValueError(
             f"config.model.input_norm must be 'none' or 'plasma', got {config.model.input_norm!r}."
         )
+    curve_frames = config.model.get("curve_frames", 0)
+    if curve_frames not in (0, schedule.n_frames):
+        raise ValueError(
+            f"config.model.curve_frames must be 0 (the paper) or the schedule's "
+            f"{schedule.n_frames} frames (the head sees the plasma input's mean over each "
+            f"frame), got {curve_frames!r}."
+        )
     early_weight = config.loss.get("early_weight", 0.0)
     if not (isinstance(early_weight, (int, float)) and math.isfinite(early_weight)) or (
         early_weight < 0
@@ -173,7 +180,9 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
     Kinetic: U-Net → head → 2TCM → every frame. Direct: measured early frames followed by the
     predicted late ones (the model has no parameters, `None` is returned for them). With
     ``config.model.input_norm == "plasma"`` the network sees the early frames divided by each
-    example's `plasma_scale` (a direct model's outputs are multiplied back by it).
+    example's `plasma_scale` (a direct model's outputs are multiplied back by it). With
+    ``config.model.curve_frames`` > 0 its head also sees `curve_features` (the subject's plasma
+    input, one mean per frame).
     """
     model = nnx.merge(graphdef, params)
     x, scale = frames_early, None
@@ -181,7 +190,10 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
         t_end = float(schedule.end[config.model.n_early - 1])
         scale = plasma_scale(inp, t_end).astype(frames_early.dtype)  # [B] SUV
         x = frames_early / scale[:, None, None, None]
-    out = model(x)
+    curve = None
+    if config.model.get("curve_frames", 0):
+        curve = curve_features(inp, schedule, scale).astype(frames_early.dtype)
+    out = model(x, curve)
     if config.model.kind == "kinetic":
         pred = models.params_to_frames(
             out,
@@ -214,6 +226,28 @@ def plasma_scale(inp, t_end: float) -> jax.Array:
       [B] mean plasma SUV (positive for any real input curve).
     """
     return jax.vmap(lambda i: i.integral(jnp.asarray(t_end, jnp.float32)) / t_end)(inp)
+
+
+def curve_features(inp, schedule, scale=None) -> jax.Array:
+    """Each example's plasma input as its mean over every frame: the head's curve inputs.
+
+    With ``config.model.curve_frames = T`` the pointwise head sees these T values beside every
+    voxel's U-Net features, so it can invert the tissue curves for the 2TCM parameters knowing
+    the subject's input-function shape (which the images alone do not show).
+
+    Args:
+      inp: batched plasma input (leaves [B, K]), SUV, minutes.
+      schedule: `kk.FrameSchedule` with T frames (minutes).
+      scale: optional [B] divisor (the `plasma_scale` under ``input_norm = "plasma"``, so the
+        curve is in the same units as the input frames); None: SUV.
+
+    Returns:
+      [B, T]: ∫ Cp over each frame / its duration, no decay weighting (decay-corrected SUV).
+    """
+    start = jnp.asarray(schedule.start, jnp.float32)
+    end = jnp.asarray(schedule.end, jnp.float32)
+    means = jax.vmap(lambda i: (i.integral(end) - i.integral(start)) / (end - start))(inp)
+    return means if scale is None else means / scale[:, None]
 
 
 def compute_loss(pred, batch, x, cp, config, schedule):
@@ -397,12 +431,18 @@ def build_cohort(config, workdir: pathlib.Path):
     return pipeline.Cohort.from_bids(root)
 
 
+def split_seed(config) -> int:
+    """The subject split's seed: ``config.data.split_seed``, or ``config.seed`` when it is < 0."""
+    seed = int(config.data.get("split_seed", -1))
+    return int(config.seed) if seed < 0 else seed
+
+
 def split_cohort(config, cohort):
     return pipeline.split_subjects(
         cohort.subjects,
         val_fraction=config.data.val_fraction,
         test_fraction=config.data.test_fraction,
-        seed=config.seed,
+        seed=split_seed(config),
         val=list(config.data.val_subjects) or None,
         test=list(config.data.test_subjects) or None,
     )

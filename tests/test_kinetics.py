@@ -641,6 +641,21 @@ def test_pet_frames_gradient_at_equal_eigenvalues(sampled_frame_grads):
     assert np.all(err[EIGEN_BROKEN] < 1e-6), err
 
 
+def test_macro_parameterization_round_trips_and_keeps_ki():
+    """rates -> (fv, K1, Vd, E, k4) -> rates is the identity; Vd = K1/(k2+k3), K1·E = Ki."""
+    rng = np.random.default_rng(3)
+    rates = rng.uniform([0, 0.01, 0.01, 0, 0], [1, 2, 3, 1, 0.2], (64, 5))
+    liver = np.array([0.165, 1.256, 1.329, 0.008, 0.010])
+    rates = np.vstack([rates, liver])
+    with jax.enable_x64(True):
+        macro = np.asarray(kk.macro_from_rates(jnp.asarray(rates)))
+        back = np.asarray(kk.rates_from_macro(jnp.asarray(macro)))
+        ki = np.asarray(kk.ki_from_rates(*jnp.asarray(rates[:, 1:4].T)))
+    np.testing.assert_allclose(back, rates, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(macro[-1, 2:4], [1.256 / 1.337, 0.008 / 1.337], rtol=1e-12)
+    np.testing.assert_allclose(macro[:, 1] * macro[:, 3], ki, rtol=1e-12)
+
+
 def test_ki_from_rates():
     np.testing.assert_allclose(kk.ki_from_rates(0.1, 0.15, 0.05), 0.025)
     assert float(kk.ki_from_rates(0.1, 0.0, 0.0)) == 0.0

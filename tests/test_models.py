@@ -273,6 +273,69 @@ def test_kinetic_net_shapes_and_validation():
         KineticNet(activation="none", rngs=nnx.Rngs(0))
 
 
+def test_curve_inputs_join_every_voxels_features_before_the_head():
+    """n_curve = C: the head sees [U-Net features, the example's C curve values] at every voxel
+    (checked against the head applied to that concatenation by hand); a missing, misshapen or
+    unexpected curve is a clear error."""
+    net = KineticNet(
+        n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN, n_curve=5,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    x = _frames(3)
+    curve = jnp.asarray(np.random.default_rng(1).uniform(0.1, 4.0, (B, 5)), jnp.float32)
+    got = np.asarray(net(x, curve))
+    feats = net.features(x)
+    tiled = np.broadcast_to(np.asarray(curve)[:, None, None, :], (B, H, W, 5))
+    want = np.asarray(net.head(jnp.concatenate([feats, jnp.asarray(tiled)], axis=-1)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    other = np.asarray(net(x, curve[::-1]))  # the examples' curves swapped
+    assert np.max(np.abs(other - got)) > 1e-4
+    with pytest.raises(ValueError, match=r"needs a curve of shape \[2, 5\].*got None"):
+        net(x)
+    with pytest.raises(ValueError, match=r"needs a curve of shape \[2, 5\].*got \(2, 4\)"):
+        net(x, curve[:, :4])
+    with pytest.raises(ValueError, match="built without curve inputs"):
+        _kinetic_net()(x, curve)
+    with pytest.raises(ValueError, match="n_curve must be an integer >= 0"):
+        DirectNet(n_early=N_EARLY, n_curve=-1, rngs=nnx.Rngs(0))
+
+
+def test_macro_parameterization_outputs_rates_inside_the_macro_bounds():
+    """parameterization='macro': the head's bounded outputs are (fv, K1, Vd, E, k4); the net
+    returns rates with K1/(k2 + k3) = Vd and k3/(k2 + k3) = E inside their bounds, starts at
+    the requested initial rates, and refuses settings where Vd could reach 0."""
+    kw = dict(n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN)
+    net = KineticNet(parameterization="macro", rngs=nnx.Rngs(0), **kw)
+    assert net.head.lower == models.MACRO_LOWER and net.head.upper == models.MACRO_UPPER
+    lo, hi = np.asarray(models.MACRO_LOWER), np.asarray(models.MACRO_UPPER)
+    for scale in (1.0, 1e3, -1e3):
+        x = _frames(4) * scale
+        rates = np.asarray(net(x), np.float64)
+        macro = np.asarray(net.head(net.features(x)), np.float64)
+        assert np.all(macro >= lo) and np.all(macro <= hi)
+        fv, k1, k2, k3, k4 = np.moveaxis(rates, -1, 0)
+        np.testing.assert_allclose(k1 / (k2 + k3), macro[..., 2], rtol=1e-5)
+        np.testing.assert_allclose(k3 / (k2 + k3), macro[..., 3], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(rates[..., [0, 1, 4]], macro[..., [0, 1, 4]])
+    want = (0.05, 0.1, 0.2, 0.05, 0.005)  # soft tissue: Vd 0.4, E 0.2
+    net = KineticNet(parameterization="macro", init_params=want, rngs=nnx.Rngs(0), **kw)
+    _zero_final_kernel(net.head, net.head.out.bias[...])
+    np.testing.assert_allclose(np.asarray(net(_frames()))[1, 2, 3], want, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs activation 'scaled_sigmoid'"):
+        KineticNet(parameterization="macro", activation="hardsigmoid", rngs=nnx.Rngs(0), **kw)
+    with pytest.raises(ValueError, match="parameterization must be one of"):
+        KineticNet(parameterization="hybrid", rngs=nnx.Rngs(0), **kw)
+    with pytest.raises(ValueError, match="lower Vd > 0"):
+        KineticNet(
+            parameterization="macro", bounds=((0.0,) * 5, (1.0,) * 5), rngs=nnx.Rngs(0), **kw
+        )
+    with pytest.raises(ValueError, match="need K1 > 0 and k2 . k3 > 0"):
+        KineticNet(
+            parameterization="macro", init_params=(0.1, 0.0, 0.2, 0.0, 0.0), rngs=nnx.Rngs(0),
+            **kw,
+        )  # fmt: skip
+
+
 def test_direct_net_is_unbounded_with_n_late_outputs():
     net = DirectNet(
         n_early=N_EARLY,
@@ -399,6 +462,13 @@ def test_build_model_from_config_objects():
     assert net.head.upper == (0.5, 1.0, 1.0, 0.5, 0.1)
     assert net.features.unet.residual is False
     assert net(_frames()).shape == (B, H, W, 5)
+
+    cfg.parameterization = "macro"
+    cfg.macro_bounds_lower, cfg.macro_bounds_upper = (0.0, 0.0, 0.1, 0.0, 0.0), (1, 2, 1, 1, 0.1)
+    macro = build_model(cfg, rngs=0)
+    assert macro.parameterization == "macro" and macro.head.lower == (0.0, 0.0, 0.1, 0.0, 0.0)
+    assert macro.head.upper == (1.0, 2.0, 1.0, 1.0, 0.1)
+    cfg.parameterization = "rates"
 
     cfg.activation = "hardsigmoid"  # bounds fields are ignored for the authors' activation
     assert build_model(cfg, rngs=nnx.Rngs(0)).head.activation == "hardsigmoid"

@@ -141,6 +141,7 @@ def test_train_step_traces_once(cohort_root):
         ("data.expected_frames", 30, "expected_frames is 30"),
         ("model.n_early", 28, "leaves no frame to predict"),
         ("model.input_norm", "suv", "input_norm must be 'none' or 'plasma', got 'suv'"),
+        ("model.curve_frames", 22, "curve_frames must be 0 .the paper. or the schedule's 28"),
     ],
 )
 def test_bad_config_gives_one_clear_sentence(cohort_root, tmp_path, field, value, match):
@@ -219,16 +220,21 @@ def test_configure_host_devices_in_a_fresh_process():
     assert "--xla_cpu_multi_thread_eigen=false" in flags
 
 
-@pytest.mark.parametrize("kind", ["kinetic", "direct"])
-def test_plasma_input_norm_makes_predictions_scale_equivariant(cohort_root, kind):
+@pytest.mark.parametrize(
+    ("kind", "curve"), [("kinetic", False), ("direct", False), ("kinetic", True)]
+)
+def test_plasma_input_norm_makes_predictions_scale_equivariant(cohort_root, kind, curve):
     """model.input_norm = 'plasma': scaling a subject's input function and frames by a (a
     different dose or clearance) leaves the kinetic model's parameters unchanged and scales
     every predicted frame by a; without it the network sees a different input. The scale is
-    the mean plasma over the input window (hand value on a ramp)."""
+    the mean plasma over the input window (hand value on a ramp). The head's curve inputs
+    (model.curve_frames) are divided by the same scale, so this holds with them too."""
     import kinetix.kinetics as kk
 
     config = smoke_config(cohort_root)
     config.model.kind = kind
+    if curve:
+        config.model.curve_frames = 28
     cohort = pipeline.Cohort.from_bids(cohort_root)
     batch = next(pipeline.eval_batches(cohort, cohort.subjects, 4, input_points=64))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -262,3 +268,44 @@ def test_plasma_input_norm_makes_predictions_scale_equivariant(cohort_root, kind
     ramp = jax.jit(lambda t, v: training.plasma_scale(kk.SampledInput(t, v), 35.0))
     got = ramp(jnp.array([[0.0, 10.0]]), jnp.array([[0.0, 2.0]]))
     np.testing.assert_allclose(got, [60.0 / 35.0], rtol=1e-6)
+
+
+def test_curve_features_are_frame_means_of_the_plasma_input():
+    """Hand values: a ramp 0 → 2 SUV over 0–10 min, held at 2 after, has ∫0^t = t²/10 up to
+    10 min and 10 + 2 (t − 10) after; the frame mean is the difference over the duration."""
+    import kinetix.kinetics as kk
+
+    schedule = kk.PAPER_SCHEDULE
+    start, end = np.asarray(schedule.start, float), np.asarray(schedule.end, float)
+
+    def integral(t):
+        return np.where(t <= 10.0, t**2 / 10.0, 10.0 + 2.0 * (t - 10.0))
+
+    want = (integral(end) - integral(start)) / (end - start)
+    f = jax.jit(lambda t, v, s: training.curve_features(kk.SampledInput(t, v), schedule, s))
+    t, v = jnp.array([[0.0, 10.0]] * 2), jnp.array([[0.0, 2.0], [0.0, 6.0]])
+    got = np.asarray(f(t, v, jnp.array([1.0, 3.0])))
+    assert got.shape == (2, schedule.n_frames)
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-6)  # 3× curve ÷ 3
+    raw = jax.jit(lambda t, v: training.curve_features(kk.SampledInput(t, v), schedule))(t, v)
+    np.testing.assert_allclose(raw[1], 3.0 * want, rtol=1e-5, atol=1e-6)
+
+
+def test_split_seed_separates_the_subject_split_from_the_init_seed():
+    """data.split_seed < 0 (default) splits with config.seed; otherwise it alone decides."""
+    import types
+
+    cohort = types.SimpleNamespace(subjects=[f"sub-{i:02d}" for i in range(24)])
+    config = smoke.get_config()
+    config.data.val_fraction, config.data.test_fraction = 1 / 12, 1 / 6
+
+    def split(seed, split_seed):
+        config.seed, config.data.split_seed = seed, split_seed
+        return training.split_cohort(config, cohort)
+
+    assert split(3, -1) == pipeline.split_subjects(
+        cohort.subjects, val_fraction=1 / 12, test_fraction=1 / 6, seed=3
+    )
+    assert split(3, 5) == split(5, -1) == split(0, 5)
+    assert split(3, 5)["test"] != split(3, -1)["test"]

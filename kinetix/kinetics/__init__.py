@@ -14,7 +14,9 @@ from kinetix.kinetics.compartment import (
     blood_frames,
     eigen_decomposition,
     ki_from_rates,
+    macro_from_rates,
     pet_frames,
+    rates_from_macro,
     tissue_curve,
 )
 from kinetix.kinetics.frames import (
@@ -45,8 +47,10 @@ __all__ = [
     "eigen_decomposition",
     "fit_line",
     "ki_from_rates",
+    "macro_from_rates",
     "patlak",
     "patlak_x",
     "pet_frames",
+    "rates_from_macro",
     "tissue_curve",
 ]

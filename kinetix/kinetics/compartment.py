@@ -49,6 +49,37 @@ def ki_from_rates(K1, k2, k3):
     return jnp.where(den > 0, K1 * k3 / safe, 0.0)
 
 
+def rates_from_macro(macro):
+    """2TCM rates from the "macro" parameterisation, on the last axis (one voxel or a batch).
+
+    (fv, K1, Vd, E, k4) -> (fv, K1, k2, k3, k4) with k2 = K1·(1 − E)/Vd and k3 = K1·E/Vd, i.e.
+    Vd = K1/(k2 + k3) (mL/mL, the reversible compartment's distribution volume) and
+    E = k3/(k2 + k3) (unitless, so that Ki = K1·E). The late frames depend on Vd and Ki almost
+    linearly, which a network can find more easily than (k2, k3). Vd must be > 0.
+
+    Args:
+      macro: [..., 5] (fv, K1 mL/min/mL, Vd mL/mL, E, k4 1/min).
+
+    Returns:
+      [..., 5] (fv, K1 mL/min/mL, k2, k3, k4 1/min).
+    """
+    macro = jnp.asarray(macro)
+    fv, K1, vd, e, k4 = (macro[..., i] for i in range(5))
+    flow = K1 / vd  # k2 + k3
+    return jnp.stack([fv, K1, flow * (1.0 - e), flow * e, k4], axis=-1)
+
+
+def macro_from_rates(params):
+    """Inverse of `rates_from_macro`: (fv, K1, k2, k3, k4) -> (fv, K1, Vd, E, k4), [..., 5].
+
+    Needs K1 > 0 and k2 + k3 > 0 (Vd and E are undefined otherwise: NaN there).
+    """
+    params = jnp.asarray(params)
+    fv, K1, k2, k3, k4 = (params[..., i] for i in range(5))
+    den = k2 + k3
+    return jnp.stack([fv, K1, K1 / den, k3 / den, k4], axis=-1)
+
+
 def eigen_decomposition(K1, k2, k3, k4):
     """2TCM impulse response h(t) = a·e^{−α1 t} + b·e^{−α2 t}, stable in every limit.
 

@@ -18,8 +18,11 @@ from kinetix.models.kinetic_net import (
     ACTIVATIONS,
     DEFAULT_LOWER,
     DEFAULT_UPPER,
+    MACRO_LOWER,
+    MACRO_UPPER,
     PAPER_HEAD_HIDDEN,
     PARAM_NAMES,
+    PARAMETERIZATIONS,
     EarlyFramesNet,
     KineticHead,
     KineticNet,
@@ -43,7 +46,10 @@ __all__ = [
     "DEFAULT_LOWER",
     "DEFAULT_UPPER",
     "KINDS",
+    "MACRO_LOWER",
+    "MACRO_UPPER",
     "PAPER_HEAD_HIDDEN",
+    "PARAMETERIZATIONS",
     "PAPER_WIDTHS",
     "PARAM_NAMES",
     "DirectNet",
@@ -93,9 +99,15 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
       bounds_lower, bounds_upper: kinetic + scaled_sigmoid only: 5 numbers each for
         (fv, K1, k2, k3, k4) in (1, mL/min/mL, 1/min, 1/min, 1/min); default
         `DEFAULT_LOWER` = 0 and `DEFAULT_UPPER` = (1, 2, 3, 1, 0.2). None means the default.
+      parameterization: kinetic only, ``'rates'`` (default, the paper) or ``'macro'`` (the
+        head outputs (fv, K1, Vd, E, k4), see `KineticNet`).
+      macro_bounds_lower, macro_bounds_upper: kinetic + macro only: 5 numbers each for
+        (fv, K1, Vd, E, k4); default `MACRO_LOWER`, `MACRO_UPPER`.
       init_params: kinetic only, the 5 parameter values the final bias maps to (default None:
         mid-range, zero bias); the direct ablation ignores it (zero final bias).
       n_late: direct only, predicted late frames (default 6).
+      curve_frames: extra head inputs per example (default 0, the paper; kinetix training gives
+        the subject's plasma input as one mean per frame, so it is 0 or the frame count).
       dtype: computation dtype name or dtype, e.g. ``'bfloat16'`` (default None: float32).
 
     Args:
@@ -116,6 +128,7 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
         widths=tuple(_get(config, "widths", PAPER_WIDTHS)),
         residual=bool(_get(config, "residual", True)),
         head_hidden=tuple(_get(config, "head_hidden", PAPER_HEAD_HIDDEN)),
+        n_curve=int(_get(config, "curve_frames", 0)),
         dtype=_dtype_or_none(_get(config, "dtype", None)),
         rngs=rngs,
     )
@@ -123,12 +136,22 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
         return DirectNet(n_late=int(_get(config, "n_late", 6)), **common)
     common["init_params"] = _tuple_or_none(_get(config, "init_params", None))
     activation = _get(config, "activation", "scaled_sigmoid")
+    parameterization = _get(config, "parameterization", "rates")
     bounds = None
-    if activation == "scaled_sigmoid":
+    if activation == "scaled_sigmoid" and parameterization == "macro":
+        lower = _get(config, "macro_bounds_lower", None)
+        upper = _get(config, "macro_bounds_upper", None)
+        bounds = (
+            MACRO_LOWER if lower is None else tuple(lower),
+            MACRO_UPPER if upper is None else tuple(upper),
+        )
+    elif activation == "scaled_sigmoid":
         lower = _get(config, "bounds_lower", None)
         upper = _get(config, "bounds_upper", None)
         bounds = (
             DEFAULT_LOWER if lower is None else tuple(lower),
             DEFAULT_UPPER if upper is None else tuple(upper),
         )
-    return KineticNet(activation=activation, bounds=bounds, **common)
+    return KineticNet(
+        activation=activation, bounds=bounds, parameterization=parameterization, **common
+    )

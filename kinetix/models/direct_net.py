@@ -20,6 +20,7 @@ class DirectNet(EarlyFramesNet):
       n_late: predicted late frames (paper: 6).
       features_per_frame, widths, residual, head_hidden, dtype: as `KineticNet`.
       init_params: optional ``n_late`` values for the final bias (None: zero bias).
+      n_curve: extra per-example head inputs (see `EarlyFramesNet`; default 0, the paper).
       rngs: NNX random streams.
     """
 
@@ -33,6 +34,7 @@ class DirectNet(EarlyFramesNet):
         residual: bool = True,
         head_hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
         init_params: Sequence[float] | None = None,
+        n_curve: int = 0,
         dtype=None,
         rngs: nnx.Rngs,
     ) -> None:
@@ -47,6 +49,7 @@ class DirectNet(EarlyFramesNet):
             head_hidden=head_hidden,
             activation="none",
             init_params=init_params,
+            n_curve=n_curve,
             dtype=dtype,
             rngs=rngs,
         )

@@ -43,6 +43,14 @@ DEFAULT_LOWER = (0.0, 0.0, 0.0, 0.0, 0.0)
 DEFAULT_UPPER = (1.0, 2.0, 3.0, 1.0, 0.2)
 """Default upper bounds of (fv, K1, k2, k3, k4): fv unitless, K1 mL/min/mL, k2..k4 1/min."""
 
+MACRO_LOWER = (0.0, 0.0, 0.05, 0.0, 0.0)
+"""Default lower bounds of the macro outputs (fv, K1, Vd, E, k4) (`kk.rates_from_macro`)."""
+
+MACRO_UPPER = (1.0, 2.0, 2.0, 1.0, 0.2)
+"""Default upper bounds of the macro outputs: fv 1, K1 2 mL/min/mL, Vd 2 mL/mL, E 1, k4 0.2/min."""
+
+PARAMETERIZATIONS = ("rates", "macro")
+
 PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
 """Hidden widths of the paper's pointwise network."""
 
@@ -77,6 +85,17 @@ def _final_bias(activation, lower, upper, init_params, n) -> np.ndarray:
     if activation == "scaled_sigmoid":
         return np.log(frac / (1.0 - frac)).astype(np.float32)  # logit
     return (6.0 * frac - 3.0).astype(np.float32)  # inverse of relu6(z + 3) / 6 on (0, 1)
+
+
+def _macro_init(init_params) -> tuple[float, ...]:
+    """Rates (fv, K1, k2, k3, k4) -> macro (fv, K1, Vd, E, k4) in NumPy (at construction)."""
+    fv, k1, k2, k3, k4 = _float_tuple("KineticNet init_params", init_params, 5)
+    if k1 <= 0 or k2 + k3 <= 0:
+        raise ValueError(
+            f"KineticNet init_params {(fv, k1, k2, k3, k4)} need K1 > 0 and k2 + k3 > 0 for the "
+            "macro parameterisation (Vd = K1/(k2 + k3), E = k3/(k2 + k3))."
+        )
+    return (fv, k1, k1 / (k2 + k3), k3 / (k2 + k3), k4)
 
 
 class KineticHead(nnx.Module):
@@ -211,6 +230,10 @@ class EarlyFramesNet(nnx.Module):
       residual: residual `DoubleConv` blocks (paper text) or not (authors' code).
       head_hidden: hidden widths of the head.
       activation, bounds, init_params: see `KineticHead`.
+      n_curve: extra per-example head inputs C (default 0, the paper): a vector [B, C] passed
+        as ``curve`` to the call, the same for every voxel of the example, concatenated to the
+        U-Net features before the head (kinetix uses the subject's plasma input, one mean per
+        frame: `kinetix.training.curve_features`).
       dtype: computation dtype.
       rngs: NNX random streams.
     """
@@ -227,17 +250,21 @@ class EarlyFramesNet(nnx.Module):
         activation: str = "scaled_sigmoid",
         bounds: tuple[Sequence[float], Sequence[float]] | None = None,
         init_params: Sequence[float] | None = None,
+        n_curve: int = 0,
         dtype=None,
         rngs: nnx.Rngs,
     ) -> None:
         if not isinstance(n_early, int) or n_early <= 0:
             raise ValueError(f"n_early must be a positive integer, got {n_early!r}.")
+        if not isinstance(n_curve, int) or n_curve < 0:
+            raise ValueError(f"n_curve must be an integer >= 0, got {n_curve!r}.")
         self.n_early = n_early
+        self.n_curve = n_curve
         self.features = FrameFeatureExtractor(
             features_per_frame, widths, residual, dtype=dtype, rngs=rngs
         )
         self.head = KineticHead(
-            n_early * features_per_frame,
+            n_early * features_per_frame + n_curve,
             head_hidden,
             n_out,
             activation=activation,
@@ -247,14 +274,32 @@ class EarlyFramesNet(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, frames_early: jax.Array) -> jax.Array:
-        """[B, H, W, n_early] SUV frames -> [B, H, W, n_out]."""
+    def __call__(self, frames_early: jax.Array, curve: jax.Array | None = None) -> jax.Array:
+        """[B, H, W, n_early] SUV frames (and [B, n_curve] ``curve``) -> [B, H, W, n_out]."""
         if frames_early.ndim != 4 or frames_early.shape[-1] != self.n_early:
             raise ValueError(
                 f"{type(self).__name__} expects the {self.n_early} early frames as "
                 f"[B, H, W, {self.n_early}], got shape {frames_early.shape}."
             )
-        return self.head(self.features(frames_early))
+        feats = self.features(frames_early)
+        if self.n_curve == 0:
+            if curve is not None:
+                raise ValueError(
+                    f"{type(self).__name__} was built without curve inputs (n_curve = 0) but "
+                    "was given a curve."
+                )
+            return self.head(feats)
+        b = frames_early.shape[0]
+        if curve is None or curve.shape != (b, self.n_curve):
+            got = None if curve is None else curve.shape
+            raise ValueError(
+                f"{type(self).__name__} needs a curve of shape [{b}, {self.n_curve}] "
+                f"(n_curve = {self.n_curve}), got {got}."
+            )
+        tiled = jnp.broadcast_to(
+            curve.astype(feats.dtype)[:, None, None, :], (*feats.shape[:3], self.n_curve)
+        )
+        return self.head(jnp.concatenate([feats, tiled], axis=-1))
 
 
 class KineticNet(EarlyFramesNet):
@@ -263,6 +308,12 @@ class KineticNet(EarlyFramesNet):
     Output last axis: (fv, K1 [mL/min/mL], k2, k3, k4 [1/min]), bounded by ``activation``.
     Keyword arguments as `EarlyFramesNet` (without ``n_out``, which is 5); defaults are the
     paper's sizes with kinetix's scaled-sigmoid bounds.
+
+    ``parameterization``: ``'rates'`` (the paper) bounds the head's outputs as the rates
+    themselves; ``'macro'`` (kinetix option) has the head output (fv, K1, Vd, E, k4) within
+    ``bounds`` (default `MACRO_LOWER`, `MACRO_UPPER`; scaled sigmoid only) and converts them
+    with `kk.rates_from_macro`, so the outputs are rates either way; ``init_params`` are rates
+    in both cases.
     """
 
     def __init__(
@@ -276,11 +327,30 @@ class KineticNet(EarlyFramesNet):
         activation: str = "scaled_sigmoid",
         bounds: tuple[Sequence[float], Sequence[float]] | None = None,
         init_params: Sequence[float] | None = None,
+        n_curve: int = 0,
+        parameterization: str = "rates",
         dtype=None,
         rngs: nnx.Rngs,
     ) -> None:
         if activation == "none":
             raise ValueError("KineticNet activation must bound the parameters, not 'none'.")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"KineticNet parameterization must be one of {PARAMETERIZATIONS}, got "
+                f"{parameterization!r}."
+            )
+        if parameterization == "macro":
+            if activation != "scaled_sigmoid":
+                raise ValueError(
+                    "KineticNet parameterization 'macro' needs activation 'scaled_sigmoid' (Vd "
+                    "must stay above 0)."
+                )
+            bounds = (MACRO_LOWER, MACRO_UPPER) if bounds is None else bounds
+            if float(bounds[0][2]) <= 0:
+                raise ValueError(f"KineticNet macro bounds need a lower Vd > 0, got {bounds[0]}.")
+            if init_params is not None:
+                init_params = _macro_init(init_params)
+        self.parameterization = parameterization
         super().__init__(
             n_early=n_early,
             n_out=len(PARAM_NAMES),
@@ -291,9 +361,15 @@ class KineticNet(EarlyFramesNet):
             activation=activation,
             bounds=bounds,
             init_params=init_params,
+            n_curve=n_curve,
             dtype=dtype,
             rngs=rngs,
         )
+
+    def __call__(self, frames_early: jax.Array, curve: jax.Array | None = None) -> jax.Array:
+        """[B, H, W, n_early] SUV frames (and [B, n_curve] curve) -> [B, H, W, 5] rates."""
+        out = super().__call__(frames_early, curve)
+        return kk.rates_from_macro(out) if self.parameterization == "macro" else out
 
 
 def params_to_frames(
