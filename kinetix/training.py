@@ -242,11 +242,10 @@ def curve_features(inp, schedule, scale=None) -> jax.Array:
         curve is in the same units as the input frames); None: SUV.
 
     Returns:
-      [B, T]: ∫ Cp over each frame / its duration, no decay weighting (decay-corrected SUV).
+      [B, T]: ∫ Cp over each frame / its duration, no decay weighting (decay-corrected SUV):
+      `kk.blood_frames` with λ = 0, the frame-mean Cp that Patlak also uses.
     """
-    start = jnp.asarray(schedule.start, jnp.float32)
-    end = jnp.asarray(schedule.end, jnp.float32)
-    means = jax.vmap(lambda i: (i.integral(end) - i.integral(start)) / (end - start))(inp)
+    means = jax.vmap(lambda i: kk.blood_frames(i, schedule, 0.0))(inp)
     return means if scale is None else means / scale[:, None]
 
 

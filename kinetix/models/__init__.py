@@ -138,19 +138,16 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
     activation = _get(config, "activation", "scaled_sigmoid")
     parameterization = _get(config, "parameterization", "rates")
     bounds = None
-    if activation == "scaled_sigmoid" and parameterization == "macro":
-        lower = _get(config, "macro_bounds_lower", None)
-        upper = _get(config, "macro_bounds_upper", None)
+    if activation == "scaled_sigmoid":
+        # The head's outputs are the rates, or (fv, K1, Vd, E, k4) with their own bounds.
+        macro = parameterization == "macro"
+        prefix = "macro_bounds" if macro else "bounds"
+        default = (MACRO_LOWER, MACRO_UPPER) if macro else (DEFAULT_LOWER, DEFAULT_UPPER)
+        lower = _get(config, f"{prefix}_lower", None)
+        upper = _get(config, f"{prefix}_upper", None)
         bounds = (
-            MACRO_LOWER if lower is None else tuple(lower),
-            MACRO_UPPER if upper is None else tuple(upper),
-        )
-    elif activation == "scaled_sigmoid":
-        lower = _get(config, "bounds_lower", None)
-        upper = _get(config, "bounds_upper", None)
-        bounds = (
-            DEFAULT_LOWER if lower is None else tuple(lower),
-            DEFAULT_UPPER if upper is None else tuple(upper),
+            default[0] if lower is None else tuple(lower),
+            default[1] if upper is None else tuple(upper),
         )
     return KineticNet(
         activation=activation, bounds=bounds, parameterization=parameterization, **common
