@@ -84,6 +84,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Weight of a Huber term on the early (input) frames, which the kinetic model predicts too:
     # 0 is the paper (the early frames enter only through the Patlak term).
     lo.early_weight = 0.0
+    # Steps the early-frame term lasts (0: all of training; N > 0: a warm-up over the first N
+    # steps, after which, and in the validation loss, the objective is the paper's).
+    lo.early_weight_steps = 0
+    # Guard against saturated outputs of the kinetic head's scaled sigmoid: weight · mean of
+    # max(|z| − margin, 0)² over the pre-activations z (0: off, the paper). Not in the
+    # validation loss. At |z| = 5 the sigmoid's slope is 0.0066 (0.25 at 0); inside the margin
+    # every output stays above lower + 0.0067 · (upper − lower) and below the mirror value.
+    lo.saturation_weight = 0.0
+    lo.saturation_margin = 5.0
 
     config.optim = o = ml_collections.ConfigDict()
     o.name = "adam"  # 'adam' (paper) or 'rmsprop' (authors' code)

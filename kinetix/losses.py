@@ -89,6 +89,18 @@ def patlak_difference_loss(pred_frames, slope, x, cp, idx, mask, delta: float):
     return masked_mean(huber(dy - target, delta), mask)
 
 
+def saturation_penalty(z, mask, margin: float):
+    """Mean over body voxels and outputs of max(|z| − margin, 0)²; z [B, H, W, P], mask [B, H, W].
+
+    A guard for the head's bounded outputs (`loss.saturation_weight`): z are the pre-activations
+    of the scaled sigmoid (`KineticHead.preactivations`). The sigmoid's slope is 0.25 at 0,
+    0.0066 at |z| = 5 and 4.5e-5 at 10, so a parameter pushed against a bound stops receiving
+    gradient; the penalty is zero inside the margin and pulls z back towards it outside.
+    """
+    excess = jax.nn.relu(jnp.abs(z.astype(jnp.float32)) - margin)
+    return masked_mean(jnp.mean(excess * excess, axis=-1), mask)
+
+
 def paper_loss(
     pred_frames,
     batch_frames,

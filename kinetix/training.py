@@ -99,6 +99,24 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         raise ValueError(
             f"config.loss.early_weight must be a finite number >= 0, got {early_weight!r}."
         )
+    early_steps = config.loss.get("early_weight_steps", 0)
+    if not isinstance(early_steps, int) or early_steps < 0:
+        raise ValueError(
+            f"config.loss.early_weight_steps must be an integer >= 0, got {early_steps!r}."
+        )
+    sat_weight = config.loss.get("saturation_weight", 0.0)
+    sat_margin = config.loss.get("saturation_margin", 5.0)
+    for name, value in (("saturation_weight", sat_weight), ("saturation_margin", sat_margin)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)) or value < 0:
+            raise ValueError(f"config.loss.{name} must be a finite number >= 0, got {value!r}.")
+    if sat_weight > 0 and (
+        config.model.kind != "kinetic" or config.model.activation != "scaled_sigmoid"
+    ):
+        raise ValueError(
+            "config.loss.saturation_weight > 0 guards the scaled sigmoid of the kinetic model's "
+            f"head; it does not apply to model.kind = {config.model.kind!r} with activation "
+            f"{config.model.activation!r}."
+        )
     if config.optim.name not in ("adam", "rmsprop"):
         raise ValueError(
             f"config.optim.name must be 'adam' or 'rmsprop', got {config.optim.name!r}."
@@ -174,7 +192,9 @@ def batch_inputs(batch, use_whole_blood: bool):
     return inp, blood
 
 
-def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule):
+def predict_frames(
+    graphdef, params, frames_early, inp, blood, config, schedule, *, with_preactivations=False
+):
     """All T frames of the prediction [B,H,W,T] (+ the 2TCM parameters for kinetic models).
 
     Kinetic: U-Net → head → 2TCM → every frame. Direct: measured early frames followed by the
@@ -182,7 +202,8 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
     ``config.model.input_norm == "plasma"`` the network sees the early frames divided by each
     example's `plasma_scale` (a direct model's outputs are multiplied back by it). With
     ``config.model.curve_frames`` > 0 its head also sees `curve_features` (the subject's plasma
-    input, one mean per frame).
+    input, one mean per frame). ``with_preactivations=True`` returns the head's unbounded
+    outputs [B,H,W,P] as a third item (for `losses.saturation_penalty`).
     """
     model = nnx.merge(graphdef, params)
     x, scale = frames_early, None
@@ -193,7 +214,9 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
     curve = None
     if config.model.get("curve_frames", 0):
         curve = curve_features(inp, schedule, scale).astype(frames_early.dtype)
-    out = model(x, curve)
+    z = model.preactivations(x, curve)
+    out = model.from_preactivations(z)
+    extra = (z,) if with_preactivations else ()
     if config.model.kind == "kinetic":
         pred = models.params_to_frames(
             out,
@@ -203,11 +226,11 @@ def predict_frames(graphdef, params, frames_early, inp, blood, config, schedule)
             point_samples=bool(config.model.point_samples),
             blood=blood,
         )
-        return pred, out
+        return (pred, out, *extra)
     late = out.astype(frames_early.dtype)
     if scale is not None:
         late = late * scale[:, None, None, None]  # back to SUV
-    return jnp.concatenate([frames_early, late], axis=-1), None
+    return (jnp.concatenate([frames_early, late], axis=-1), None, *extra)
 
 
 def plasma_scale(inp, t_end: float) -> jax.Array:
@@ -249,12 +272,33 @@ def curve_features(inp, schedule, scale=None) -> jax.Array:
     return means if scale is None else means / scale[:, None]
 
 
-def compute_loss(pred, batch, x, cp, config, schedule):
+def loss_mask(batch):
+    """Body mask of the real examples [B, H, W] (padding examples have valid = 0)."""
+    return batch["mask"] * batch["valid"][:, None, None]
+
+
+def early_weight_at(config, step=None):
+    """Weight of the early-frame term at ``step``: `loss.early_weight`, or with
+    `loss.early_weight_steps` = N > 0 only for steps < N (a warm-up; 0 after it and at
+    evaluation, ``step=None``, so validation losses stay comparable to the plain objective)."""
+    weight = float(config.loss.get("early_weight", 0.0))
+    steps = int(config.loss.get("early_weight_steps", 0))
+    if steps == 0 or weight == 0:
+        return weight
+    if step is None:
+        return 0.0
+    return jnp.where(step < steps, weight, 0.0)
+
+
+def compute_loss(pred, batch, x, cp, config, schedule, step=None):
+    """The training objective of a prediction: `_objective` (the paper's or the authors' loss)
+    plus the early-frame term (`early_weight_at(config, step)`). Returns (loss, components)."""
     late, linear = losses.frame_indices(schedule, config.model.n_early, config.kinetics.t_star)
-    mask = batch["mask"] * batch["valid"][:, None, None]
+    mask = loss_mask(batch)
     loss, parts = _objective(pred, batch, mask, x, cp, late, linear, config)
-    early_weight = float(config.loss.get("early_weight", 0.0))
-    if early_weight > 0 and config.model.kind == "kinetic":
+    early_weight = early_weight_at(config, step)  # a Python 0.0 when the term is off
+    off = isinstance(early_weight, float) and early_weight == 0.0
+    if not off and config.model.kind == "kinetic":
         # The 2TCM also predicts the measured input frames: ask it to explain them.
         n_early = config.model.n_early
         l_early = losses.suv_loss(
@@ -299,16 +343,33 @@ def make_train_step(graphdef, tx, config, schedule, wrap=None):
     use_wb = bool(config.kinetics.use_whole_blood)
     lr_fn = learning_rate_schedule(config.optim)
 
-    def loss_fn(params, batch):
+    sat_weight = float(config.loss.get("saturation_weight", 0.0))
+    sat_margin = float(config.loss.get("saturation_margin", 5.0))
+
+    def loss_fn(params, batch, step):
         inp, blood = batch_inputs(batch, use_wb)
-        pred, _ = predict_frames(
-            graphdef, params, batch["frames"][..., :n_early], inp, blood, config, schedule
+        pred, _, z = predict_frames(
+            graphdef,
+            params,
+            batch["frames"][..., :n_early],
+            inp,
+            blood,
+            config,
+            schedule,
+            with_preactivations=True,
         )
         x, cp = losses.patlak_coordinates(inp, schedule)
-        return compute_loss(pred, batch, x, cp, config, schedule)
+        loss, parts = compute_loss(pred, batch, x, cp, config, schedule, step)
+        if sat_weight > 0:
+            penalty = losses.saturation_penalty(z, loss_mask(batch), sat_margin)
+            loss = loss + sat_weight * penalty
+            parts = {**parts, "loss_saturation": penalty}
+        return loss, parts
 
     def train_step(state, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, state["step"]
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], value=loss)
         params = optax.apply_updates(state["params"], updates)
         metrics = {

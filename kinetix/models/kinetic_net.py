@@ -184,6 +184,14 @@ class KineticHead(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, in_features] -> [B, H, W, n_params] (last axis: fv, K1, k2, k3, k4)."""
+        return self.bound(self.preactivations(x))
+
+    def preactivations(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, in_features] -> [B, H, W, n_params]: the final layer's outputs z, unbounded.
+
+        `loss.saturation_weight` penalises |z| beyond a margin (`losses.saturation_penalty`):
+        where the sigmoid saturates, its gradient vanishes and the parameter can no longer move.
+        """
         if x.ndim != 4 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"KineticHead expects input [B, H, W, {self.in_features}], got {x.shape}."
@@ -191,7 +199,10 @@ class KineticHead(nnx.Module):
         h = x
         for layer, norm in zip(self.layers, self.norms, strict=True):
             h = jax.nn.leaky_relu(norm(layer(h)), negative_slope=0.01)
-        z = self.out(h)
+        return self.out(h)
+
+    def bound(self, z: jax.Array) -> jax.Array:
+        """Pre-activations z [..., n_params] -> bounded outputs (`bound_outputs`)."""
         return bound_outputs(z, self.activation, self.lower, self.upper)
 
 
@@ -276,6 +287,21 @@ class EarlyFramesNet(nnx.Module):
 
     def __call__(self, frames_early: jax.Array, curve: jax.Array | None = None) -> jax.Array:
         """[B, H, W, n_early] SUV frames (and [B, n_curve] ``curve``) -> [B, H, W, n_out]."""
+        return self.from_preactivations(self.preactivations(frames_early, curve))
+
+    def preactivations(self, frames_early: jax.Array, curve: jax.Array | None = None):
+        """The head's unbounded final-layer outputs z [B, H, W, n_out] (same inputs as a call).
+
+        ``net(f, c) == net.from_preactivations(net.preactivations(f, c))``.
+        """
+        return self.head.preactivations(self._head_inputs(frames_early, curve))
+
+    def from_preactivations(self, z: jax.Array) -> jax.Array:
+        """Pre-activations [..., n_out] -> the network's outputs (the head's bounding)."""
+        return self.head.bound(z)
+
+    def _head_inputs(self, frames_early: jax.Array, curve: jax.Array | None) -> jax.Array:
+        """U-Net features [B, H, W, n_early·F] (+ the tiled curve, [B, H, W, n_curve])."""
         if frames_early.ndim != 4 or frames_early.shape[-1] != self.n_early:
             raise ValueError(
                 f"{type(self).__name__} expects the {self.n_early} early frames as "
@@ -288,7 +314,7 @@ class EarlyFramesNet(nnx.Module):
                     f"{type(self).__name__} was built without curve inputs (n_curve = 0) but "
                     "was given a curve."
                 )
-            return self.head(feats)
+            return feats
         b = frames_early.shape[0]
         if curve is None or curve.shape != (b, self.n_curve):
             got = None if curve is None else curve.shape
@@ -299,7 +325,7 @@ class EarlyFramesNet(nnx.Module):
         tiled = jnp.broadcast_to(
             curve.astype(feats.dtype)[:, None, None, :], (*feats.shape[:3], self.n_curve)
         )
-        return self.head(jnp.concatenate([feats, tiled], axis=-1))
+        return jnp.concatenate([feats, tiled], axis=-1)
 
 
 class KineticNet(EarlyFramesNet):
@@ -366,9 +392,10 @@ class KineticNet(EarlyFramesNet):
             rngs=rngs,
         )
 
-    def __call__(self, frames_early: jax.Array, curve: jax.Array | None = None) -> jax.Array:
-        """[B, H, W, n_early] SUV frames (and [B, n_curve] curve) -> [B, H, W, 5] rates."""
-        out = super().__call__(frames_early, curve)
+    def from_preactivations(self, z: jax.Array) -> jax.Array:
+        """Pre-activations [..., 5] -> rates (fv, K1, k2, k3, k4), through the macro outputs
+        with ``parameterization = 'macro'``."""
+        out = super().from_preactivations(z)
         return kk.rates_from_macro(out) if self.parameterization == "macro" else out
 
 
