@@ -34,6 +34,9 @@ Per tissue (when the truth has a label map): each label's mean late-frame SUV (m
 network's prediction, the noise-free truth) and mean Ki of every method over the masked voxels,
 with the bias of the mean against the truth in % (`metrics.json` "tissues", a report section):
 where the per-slice metrics say how well, this says in which organ a method is high or low.
+When `predict_fn` returns the kinetic model's parameter maps and the truth has them, the same
+is done for each 2TCM parameter (fv, K1, k2, k3, k4): the network's mean against the true mean
+per tissue ("tissues" → "params"), which shows whether the fit is physiological or degenerate.
 
 Outputs under `out_dir` (default `workdir/eval`, overwritten): `metrics.json`, `report.md`,
 `per_slice.csv` and `figures/*.png` (see kinetix.report).
@@ -89,6 +92,7 @@ from kinetix.evaluate_tables import (  # noqa: F401
     tissue_bias,
     tumour_rois,
 )
+from kinetix.kinetics import PARAM_NAMES
 
 _batch_metrics = jax.jit(km.batch_slice_metrics)
 
@@ -106,6 +110,20 @@ def _check_prediction(out, shape, name) -> np.ndarray:
             "all frames of the schedule."
         )
     return frames
+
+
+def _check_params(out, shape, name) -> np.ndarray | None:
+    """The prediction's 2TCM parameter maps [B, H, W, 5] (fv, K1, k2, k3, k4), or None."""
+    params = out.get("params")
+    if params is None:
+        return None
+    params = np.asarray(params, np.float64)
+    if params.shape != (*shape, len(PARAM_NAMES)):
+        raise ValueError(
+            f"{name} returned params of shape {params.shape}; expected "
+            f"{(*shape, len(PARAM_NAMES))} = [B, H, W, 5] ({', '.join(PARAM_NAMES)}) or None."
+        )
+    return params
 
 
 def _config_value(config, path, default=None):
@@ -187,6 +205,7 @@ def evaluate_run(
     rois: list[dict] = []
     roi_voxels: dict[str, list[np.ndarray]] = {}
     tissue_sums: dict[str, dict] = {"late_frames": {}, "ki": {}}
+    param_sums: dict[str, dict] = {}  # 2TCM parameter -> add_label_sums accumulator
     label_names: dict[int, str] = {}
     quota = dict(zip(subjects, _figure_quota(len(subjects), max(max_figures, 0)), strict=True))
     wanted: dict[str, list[int]] = {}
@@ -208,7 +227,9 @@ def evaluate_run(
         measured = np.asarray(batch["frames"], np.float32)
         mask = np.asarray(batch["mask"], np.float32)
         times, plasma = batch["plasma_times"], batch["plasma"]
-        pred = _check_prediction(predict_fn(batch), measured.shape, "predict_fn")
+        raw = predict_fn(batch)
+        pred = _check_prediction(raw, measured.shape, "predict_fn")
+        pmap = _check_params(raw, measured.shape[:3], "predict_fn")
         proposed = splice(measured, pred, n_early)
         frames = {"reference": measured, "baseline": measured, "proposed": proposed}
         frames["proposed_late"] = pred
@@ -280,6 +301,15 @@ def evaluate_run(
                     late["direct"] = direct_raw[b, ..., n_early:].mean(-1)
                 add_label_sums(tissue_sums["late_frames"], labels2d, mask[b], late)
                 add_label_sums(tissue_sums["ki"], labels2d, mask[b], {m: ki[m][b] for m in ki})
+                if pmap is not None:
+                    for i, name in enumerate(PARAM_NAMES):
+                        if name in tr["params"]:
+                            add_label_sums(
+                                param_sums.setdefault(name, {}),
+                                labels2d,
+                                mask[b],
+                                {"truth": tr["params"][name][:, :, z], "proposed": pmap[b, ..., i]},
+                            )
                 label_names.update(tr["label_names"])
                 for r in tumour_rois(labels2d, tr["tumour_ids"]):
                     roi = r["roi"]
@@ -398,6 +428,7 @@ def evaluate_run(
         "tissues": {
             "note": TISSUE_NOTE if has_truth else "No truth label map: no per-tissue table.",
             **{k: tissue_bias(v, label_names) for k, v in tissue_sums.items() if has_truth},
+            "params": {k: tissue_bias(v, label_names) for k, v in param_sums.items()},
         },
         "figures": figures,
     }

@@ -175,8 +175,9 @@ def find_truth_root(cohort, subjects, truth_root=None) -> tuple[pathlib.Path | N
 
 
 def _load_truth(root, subject, cohort, grid, n_early: int | None = None) -> dict:
-    """One subject's truth: Ki, labels, tumour labels, the noise-free last frame in SUV and, with
-    ``n_early``, the mean of the noise-free frames after the first n_early (SUV, [X, Y, Z])."""
+    """One subject's truth: Ki, labels, tumour labels, the 2TCM parameter maps it has ({name:
+    [X, Y, Z]}), the noise-free last frame in SUV and, with ``n_early``, the mean of the
+    noise-free frames after the first n_early (SUV, [X, Y, Z])."""
     t = bids.read_truth(root, subject)
     if t["ki"].shape != tuple(grid):
         raise ValueError(
@@ -193,6 +194,7 @@ def _load_truth(root, subject, cohort, grid, n_early: int | None = None) -> dict
         "labels": t["labels"],
         "label_names": t["label_names"],
         "tumour_ids": tumour_ids,
+        "params": t["params"],
         "last_frame_suv": t["noisefree"][..., -1] * suv,
         "late_suv": None if n_early is None else t["noisefree"][..., n_early:].mean(-1) * suv,
     }

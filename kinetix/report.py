@@ -512,6 +512,23 @@ def _md_tissue_table(per_tissue: dict, labels: dict, unit: str) -> str:
     return _md_table(head, rows)
 
 
+def _md_param_table(per_param: dict) -> str:
+    """Per tissue: each 2TCM parameter's true mean → the kinetic network's mean (bias %)."""
+    names = list(per_param)
+    tissues = list(next(iter(per_param.values())))
+    head = ["tissue", "voxels"] + [f"{n}: truth → kinetix" for n in names]
+    rows = []
+    for tissue in tissues:
+        cells = [tissue, str(per_param[names[0]][tissue]["n_voxels"])]
+        for n in names:
+            e = per_param[n][tissue]
+            bias = e["bias_pct"]["proposed"]
+            pct = "" if bias is None or not math.isfinite(bias) else f" ({bias:+.0f} %)"
+            cells.append(f"{_sig(e['mean']['truth'])} → {_sig(e['mean']['proposed'])}{pct}")
+        rows.append(cells)
+    return _md_table(head, rows)
+
+
 def _md_tissues(metrics: dict) -> str:
     t = metrics.get("tissues", {})
     parts = [t.get("note", "")]
@@ -521,6 +538,16 @@ def _md_tissues(metrics: dict) -> str:
     if t.get("ki"):
         parts += ["", "Ki, mean mL/min/mL (bias against the true Ki):", ""]
         parts.append(_md_tissue_table(t["ki"], metrics["labels"], "mL/min/mL"))
+    if t.get("params"):
+        parts += [
+            "",
+            "2TCM parameters of the kinetic network, mean per tissue (fv unitless, K1 mL/min/mL, "
+            "k2–k4 1/min; bias against the true mean; none where the true mean is 0). Late "
+            "frames can fit well with non-physiological parameters, so read these before "
+            "reading the parameter maps:",
+            "",
+        ]
+        parts.append(_md_param_table(t["params"]))
     return "\n".join(parts)
 
 

@@ -150,9 +150,36 @@ def oracle_run(cohort_root, tmp_path_factory):
                 rec["val_loss"] = 1.2 / step
             f.write(json.dumps(rec) + "\n")
     result = evaluate.evaluate_run(
-        _config(), workdir, cohort, cohort.subjects, oracle, ablation_fn=direct_fn, truth_root=root
+        _config(),
+        workdir,
+        cohort,
+        cohort.subjects,
+        _with_truth_params(oracle, cohort, root),
+        ablation_fn=direct_fn,
+        truth_root=root,
     )
     return result, workdir
+
+
+PARAM_FACTORS = (1.0, 1.1, 0.5, 2.0, 1.0)
+"""The oracle's parameter maps: the true (fv, K1, k2, k3, k4) times these."""
+
+
+def _with_truth_params(predict, cohort, root):
+    """`predict` with parameter maps: the true ones of each batch slice × PARAM_FACTORS."""
+    truth = {s: bids.read_truth(root, s)["params"] for s in cohort.subjects}
+
+    def fn(batch):
+        out = predict(batch)
+        maps = np.zeros(np.shape(batch["frames"])[:3] + (5,), np.float32)
+        ids = zip(batch["subject"], batch["slice"], batch["valid"], strict=True)
+        for b, (i, z, v) in enumerate(ids):
+            if v:
+                t = truth[cohort.subjects[int(i)]]
+                maps[b] = np.stack([t[n][:, :, int(z)] for n in kk.PARAM_NAMES], -1)
+        return {**out, "params": maps * np.asarray(PARAM_FACTORS, np.float32)}
+
+    return fn
 
 
 def _methods(result, table):
@@ -353,6 +380,38 @@ def test_per_tissue_table_of_the_oracle_run(oracle_run):
     text = (workdir / "eval" / "report.md").read_text()
     assert "## Per tissue (against the simulation's truth)" in text
     assert "(-10.0 %)" in text
+
+
+def test_per_tissue_parameter_table_of_the_oracle_run(oracle_run):
+    """The oracle's parameter maps are the truth × PARAM_FACTORS: each tissue's bias is the
+    factor − 1 (none where the true mean is 0, e.g. k4 outside the liver); report table."""
+    result, workdir = oracle_run
+    params = result["metrics"]["tissues"]["params"]
+    assert list(params) == list(kk.PARAM_NAMES)
+    for name, factor in zip(kk.PARAM_NAMES, PARAM_FACTORS, strict=True):
+        for tissue, e in params[name].items():
+            n = result["metrics"]["tissues"]["ki"][tissue]["n_voxels"]
+            assert e["n_voxels"] == n
+            if e["mean"]["truth"] == 0:
+                assert e["bias_pct"]["proposed"] is None, (name, tissue)  # NaN -> null
+            else:
+                want = 100 * (factor - 1)
+                assert e["bias_pct"]["proposed"] == pytest.approx(want, abs=1e-3), (name, tissue)
+    liver_k1 = params["K1"]["liver"]["mean"]
+    assert liver_k1["truth"] == pytest.approx(TISSUE[4][1], rel=0.2)  # ±15 % voxel field
+    text = (workdir / "eval" / "report.md").read_text()
+    assert "2TCM parameters of the kinetic network" in text
+    assert "K1: truth → kinetix" in text and "(+100 %)" in text and "(-50 %)" in text
+
+
+def test_parameter_maps_of_the_wrong_shape_are_a_clear_error(cohort_root, tmp_path):
+    cohort, root = cohort_root
+
+    def bad(batch):
+        return {"frames": np.array(batch["frames"]), "params": np.zeros((1, 2, 3, 5))}
+
+    with pytest.raises(ValueError, match="predict_fn returned params of shape .1, 2, 3, 5."):
+        evaluate.evaluate_run(_config(), tmp_path, cohort, cohort.subjects, bad, truth_root=root)
 
 
 def test_tissue_sums_and_bias_by_hand():

@@ -167,6 +167,75 @@ def test_early_weight_adds_a_huber_term_on_the_input_frames():
         training.validate_config(config, SCHED, (16, 16))
 
 
+def test_early_weight_steps_make_the_early_term_a_warm_up():
+    """loss.early_weight_steps = N: the early-frame term counts for steps < N only, and never
+    in the evaluation objective (step None); N = 0 keeps it throughout (hand values)."""
+    from configs import smoke
+    from kinetix import training
+
+    frames, x, cp = _linear_patlak_batch(jnp.full((2, 3, 3), 0.03), jnp.full((2, 3, 3), 0.4))
+    batch = {"frames": frames, "mask": jnp.ones((2, 3, 3)), "valid": jnp.ones((2,))}
+    config = smoke.get_config()
+    pred = frames.at[..., :5].add(2.0)  # early frames off: Huber 1.5 on 5 of 22 frames
+    base, _ = training.compute_loss(pred, batch, x, cp, config, SCHED)
+    config.loss.early_weight = 2.0
+    config.loss.early_weight_steps = 400
+    expected = 2.0 * 5 * 1.5 / 22
+    for step, extra in ((0, expected), (399, expected), (400, 0.0), (5000, 0.0)):
+        loss, parts = training.compute_loss(pred, batch, x, cp, config, SCHED, jnp.asarray(step))
+        np.testing.assert_allclose(loss, base + extra, rtol=1e-5)
+        np.testing.assert_allclose(parts["loss_early"], 5 * 1.5 / 22, rtol=1e-5)
+    loss, parts = training.compute_loss(pred, batch, x, cp, config, SCHED)  # evaluation
+    assert "loss_early" not in parts
+    np.testing.assert_allclose(loss, base, rtol=1e-6)
+    config.loss.early_weight_steps = 0
+    loss, _ = training.compute_loss(pred, batch, x, cp, config, SCHED)
+    np.testing.assert_allclose(loss, base + expected, rtol=1e-5)
+    config.loss.early_weight_steps = -1  # (ml_collections itself refuses a float here)
+    with pytest.raises(ValueError, match="early_weight_steps must be an integer >= 0"):
+        training.validate_config(config, SCHED, (16, 16))
+
+
+def test_saturation_penalty_hand_values_and_its_pull_out_of_saturation():
+    """mean over outputs of max(|z| − m, 0)², averaged over masked voxels; where a scaled
+    sigmoid's own gradient has vanished (z = −20: 2e-9) the penalty's gradient pushes z back."""
+    z = jnp.array([[[[0.0, 6.0, -7.0, 5.0, -5.5], [-20.0, 0.0, 0.0, 0.0, 0.0]]]])  # [1,1,2,5]
+    # voxel 0: excess (0, 1, 2, 0, 0.5) -> squares mean 5.25 / 5; voxel 1: 15² / 5.
+    only_first = jnp.array([[[1.0, 0.0]]])
+    assert float(losses.saturation_penalty(z, only_first, 5.0)) == pytest.approx(1.05)
+    both = jnp.ones((1, 1, 2))
+    assert float(losses.saturation_penalty(z, both, 5.0)) == pytest.approx((1.05 + 45.0) / 2)
+    assert float(losses.saturation_penalty(z, both, 25.0)) == 0.0
+    g = jax.grad(lambda v: losses.saturation_penalty(v, both, 5.0))(z)
+    # d/dz of ½ · (1/5) · (|z| − 5)² at z = −20: −(15) · 2 / 10 = −3 (descent raises z).
+    assert float(g[0, 0, 1, 0]) == pytest.approx(-3.0)
+    assert float(g[0, 0, 0, 0]) == 0.0 and float(g[0, 0, 1, 1]) == 0.0
+    assert float(jax.grad(jax.nn.sigmoid)(-20.0)) < 1e-8
+
+
+def test_saturation_guard_config_checks():
+    from configs import smoke
+    from kinetix import training
+
+    config = smoke.get_config()
+    config.loss.saturation_weight = 0.1
+    training.validate_config(config, SCHED, (16, 16))  # kinetic + scaled sigmoid: accepted
+    for field, value, match in (
+        ("saturation_weight", -0.1, "saturation_weight must be a finite number >= 0"),
+        ("saturation_margin", float("nan"), "saturation_margin must be a finite number"),
+    ):
+        bad = smoke.get_config()
+        setattr(bad.loss, field, value)
+        with pytest.raises(ValueError, match=match):
+            training.validate_config(bad, SCHED, (16, 16))
+    for section, field, value in (("model", "kind", "direct"), ("model", "activation", "none")):
+        bad = smoke.get_config()
+        bad.loss.saturation_weight = 0.1
+        setattr(getattr(bad, section), field, value)
+        with pytest.raises(ValueError, match="guards the scaled sigmoid"):
+            training.validate_config(bad, SCHED, (16, 16))
+
+
 def test_splice_keeps_measured_early_and_predicted_late_frames():
     measured = np.arange(12.0).reshape(2, 6)
     predicted = -np.arange(12.0).reshape(2, 6)

@@ -317,6 +317,7 @@ def test_macro_parameterization_outputs_rates_inside_the_macro_bounds():
         np.testing.assert_allclose(k1 / (k2 + k3), macro[..., 2], rtol=1e-5)
         np.testing.assert_allclose(k3 / (k2 + k3), macro[..., 3], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(rates[..., [0, 1, 4]], macro[..., [0, 1, 4]])
+        np.testing.assert_array_equal(rates, net.from_preactivations(net.preactivations(x)))
     want = (0.05, 0.1, 0.2, 0.05, 0.005)  # soft tissue: Vd 0.4, E 0.2
     net = KineticNet(parameterization="macro", init_params=want, rngs=nnx.Rngs(0), **kw)
     _zero_final_kernel(net.head, net.head.out.bias[...])
@@ -334,6 +335,20 @@ def test_macro_parameterization_outputs_rates_inside_the_macro_bounds():
             parameterization="macro", init_params=(0.1, 0.0, 0.2, 0.0, 0.0), rngs=nnx.Rngs(0),
             **kw,
         )  # fmt: skip
+
+
+def test_preactivations_are_the_head_outputs_before_the_scaled_sigmoid():
+    """net(f) == net.from_preactivations(net.preactivations(f)), and the bounded outputs are
+    lower + (upper − lower) · sigmoid(z) of the pre-activations (float64 reference)."""
+    net = _kinetic_net()
+    x = _frames(3)
+    z = net.preactivations(x)
+    assert z.shape == (B, H, W, 5)
+    out = np.asarray(net(x))
+    np.testing.assert_array_equal(out, net.from_preactivations(z))
+    lo, hi = np.asarray(DEFAULT_LOWER), np.asarray(DEFAULT_UPPER)
+    want = lo + (hi - lo) / (1.0 + np.exp(-np.asarray(z, np.float64)))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
 
 
 def test_direct_net_is_unbounded_with_n_late_outputs():

@@ -133,6 +133,24 @@ def test_train_step_traces_once(cohort_root):
     assert int(state["step"]) == 3
 
 
+def test_saturation_guard_adds_its_weighted_penalty_to_the_training_loss(cohort_root):
+    """With loss.saturation_weight = w the step's loss is the evaluation objective plus
+    w · the logged penalty on the head's pre-activations (margin 1: nonzero at init)."""
+    config = smoke_config(cohort_root)
+    config.loss.saturation_weight = 0.5
+    config.loss.saturation_margin = 1.0
+    cohort = pipeline.Cohort.from_bids(cohort_root)
+    graphdef, tx, state = training.create_train_state(config)
+    params0 = jax.tree.map(jnp.copy, state["params"])
+    batch = next(pipeline.eval_batches(cohort, cohort.subjects, 4, input_points=64))
+    _, metrics = training.make_train_step(graphdef, tx, config, cohort.schedule)(state, batch)
+    _, _, objective = training.make_eval_step(graphdef, config, cohort.schedule)(params0, batch)
+    assert float(metrics["loss_saturation"]) > 1e-3
+    np.testing.assert_allclose(
+        metrics["loss"], objective + 0.5 * metrics["loss_saturation"], rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [
