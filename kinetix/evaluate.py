@@ -384,8 +384,18 @@ def evaluate_run(
         for m in tables["ki_vs_reference"]
         if m != "truth"
     }
+    param_table = {k: tissue_bias(v, label_names) for k, v in param_sums.items()}
     figures = _write_figures(
-        out_dir / "figures", examples, rois, ba, boxes, subj, subjects, windows, workdir
+        out_dir / "figures",
+        examples,
+        rois,
+        ba,
+        boxes,
+        subj,
+        subjects,
+        windows,
+        workdir,
+        tissue_params=param_table,
     )
 
     frames_used = windows.frame_numbers()
@@ -428,7 +438,7 @@ def evaluate_run(
         "tissues": {
             "note": TISSUE_NOTE if has_truth else "No truth label map: no per-tissue table.",
             **{k: tissue_bias(v, label_names) for k, v in tissue_sums.items() if has_truth},
-            "params": {k: tissue_bias(v, label_names) for k, v in param_sums.items()},
+            "params": param_table,
         },
         "figures": figures,
     }

@@ -98,8 +98,13 @@ def _roi_curves(example, roi, windows: KiWindows) -> dict:
     return {"x": x, "cp": cp, "curves": curves, "fits": fits}
 
 
-def _write_figures(fig_dir, examples, rois, ba, boxes, subj, subjects, windows, workdir):
-    """Draws every figure of the report; returns [{"path": relative path, "caption"}]."""
+def _write_figures(
+    fig_dir, examples, rois, ba, boxes, subj, subjects, windows, workdir, tissue_params=None
+):
+    """Draws every figure of the report; returns [{"path": relative path, "caption"}].
+
+    ``tissue_params``: the per-tissue 2TCM parameter table (metrics.json "tissues" → "params"),
+    drawn as true against predicted means when given."""
     schedule, n_early = windows.schedule, windows.n_early
     fig_dir = pathlib.Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +189,18 @@ def _write_figures(fig_dir, examples, rois, ba, boxes, subj, subjects, windows, 
                     f"Ki against the {METHOD_LABELS[ref_name]}.",
                 }
             )
+    if tissue_params and report.plot_tissue_params(
+        fig_dir / "tissue_params.png",
+        tissue_params,
+        title="2TCM parameters per tissue: the kinetic network against the truth",
+    ):
+        figures.append(
+            {
+                "path": "figures/tissue_params.png",
+                "caption": "Mean 2TCM parameter per tissue, the kinetic network against the "
+                "simulation's truth (log axes; the grey line is identity).",
+            }
+        )
     report.plot_per_subject(
         fig_dir / "per_subject_ki.png",
         boxes,

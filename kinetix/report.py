@@ -213,6 +213,65 @@ def plot_bland_altman(path, pairs: dict, reference: str, title: str = "") -> Non
     _save(fig, path)
 
 
+def plot_tissue_params(path, per_param: dict, title: str = "") -> bool:
+    """One log–log panel per 2TCM parameter: each tissue's true mean against the network's.
+
+    Args:
+      path: PNG file to write.
+      per_param: {parameter: {tissue: {"mean": {"truth", "proposed"}, ...}}} (metrics.json
+        "tissues" → "params", `kinetix.evaluate.tissue_bias` per parameter).
+      title: figure title.
+
+    Returns:
+      False (and nothing written) when no parameter has a tissue with both means positive;
+      tissues with a zero mean (e.g. k4 of an irreversible simulation) cannot be drawn on a
+      log axis and are listed in the panel instead.
+    """
+    panels = {}
+    for name, tissues in per_param.items():
+        pts, skipped = [], []
+        for tissue, e in tissues.items():
+            t, p = e["mean"]["truth"], e["mean"]["proposed"]
+            ok = all(v is not None and math.isfinite(v) and v > 0 for v in (t, p))
+            (pts if ok else skipped).append((tissue, t, p))
+        panels[name] = (pts, skipped)
+    if not any(pts for pts, _ in panels.values()):
+        return False
+    n = len(panels)
+    fig = Figure(figsize=(3.2 * n, 3.4), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (name, (pts, skipped)) in zip(axes, panels.items(), strict=True):
+        if pts:
+            t = np.array([q[1] for q in pts])
+            p = np.array([q[2] for q in pts])
+            lo, hi = min(t.min(), p.min()) / 1.5, max(t.max(), p.max()) * 1.5
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+            ax.scatter(t, p, s=14)
+            for tissue, x, y in pts:
+                ax.annotate(tissue.replace("_", " "), (x, y), fontsize=5, alpha=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+        if skipped:
+            ax.text(
+                0.02,
+                0.98,
+                "not drawn (a mean ≤ 0): " + ", ".join(q[0] for q in skipped),
+                transform=ax.transAxes,
+                fontsize=5,
+                va="top",
+                wrap=True,
+            )
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("true mean", fontsize=8)
+        ax.set_ylabel("kinetic network's mean", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    return True
+
+
 def plot_per_subject(
     path, per_method: dict, subject_ids, subjects, title: str = "", metrics=("nmi", "psnr", "ssim")
 ) -> None:

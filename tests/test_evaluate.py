@@ -402,6 +402,11 @@ def test_per_tissue_parameter_table_of_the_oracle_run(oracle_run):
     text = (workdir / "eval" / "report.md").read_text()
     assert "2TCM parameters of the kinetic network" in text
     assert "K1: truth → kinetix" in text and "(+100 %)" in text and "(-50 %)" in text
+    assert "figures/tissue_params.png" in text
+    assert mpimg.imread(workdir / "eval" / "figures" / "tissue_params.png").shape[0] > 100
+    zero = {"k4": {"liver": {"mean": {"truth": 0.0, "proposed": 0.01}}}}
+    assert not report.plot_tissue_params(workdir / "none.png", zero)  # nothing to draw
+    assert not (workdir / "none.png").exists()
 
 
 def test_parameter_maps_of_the_wrong_shape_are_a_clear_error(cohort_root, tmp_path):
