@@ -111,6 +111,11 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every_steps = 5000
     t.checkpoint_every_steps = 1000
     t.keep_checkpoints = 3
+    # Initialisation trials against degenerate starts (1: off, the paper): train init_trials
+    # initialisations (seeds seed, seed + 1, ...) for init_trial_steps steps each on the same
+    # batches, continue the one with the lowest validation loss (needs validation subjects).
+    t.init_trials = 1
+    t.init_trial_steps = 200
     t.eval_batch_size = 8
     t.multiprocess = False  # call jax.distributed.initialize() (also set by launchers)
     # Split a CPU into this many single-threaded XLA devices for data parallelism (0: XLA's

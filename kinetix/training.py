@@ -117,6 +117,15 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
             f"head; it does not apply to model.kind = {config.model.kind!r} with activation "
             f"{config.model.activation!r}."
         )
+    trials = config.train.get("init_trials", 1)
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"config.train.init_trials must be an integer >= 1, got {trials!r}.")
+    trial_steps, num_steps = config.train.get("init_trial_steps", 200), config.train.num_steps
+    if trials > 1 and (not isinstance(trial_steps, int) or not 1 <= trial_steps <= num_steps):
+        raise ValueError(
+            f"config.train.init_trial_steps must be an integer from 1 to num_steps = {num_steps} "
+            f"when init_trials > 1, got {trial_steps!r}."
+        )
     if config.optim.name not in ("adam", "rmsprop"):
         raise ValueError(
             f"config.optim.name must be 'adam' or 'rmsprop', got {config.optim.name!r}."
@@ -534,6 +543,79 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
     return total / max(weight, 1.0)
 
 
+def run_init_trials(config, train_step, eval_step, make_iterator, cohort, val_subjects, shardings):
+    """Train ``config.train.init_trials`` initialisations briefly and keep the best one.
+
+    Trial k starts from the initialisation of seed ``config.seed + k`` (trial 0 is the plain
+    run's) and trains ``config.train.init_trial_steps`` steps on a fresh iterator, so every trial
+    sees the same batches. The winner has the lowest loss on the validation subjects
+    (`evaluate_loss`, the run's val_loss); it goes on with its own optimiser state and iterator,
+    so the rest of the run is the plain run of that initialisation. Trials whose validation loss
+    is not finite lose. With several processes, process 0's choice is broadcast.
+
+    Args:
+      config: the resolved config.
+      train_step, eval_step: `make_train_step` / `make_eval_step` (one graphdef serves every
+        seed).
+      make_iterator: () -> a fresh training iterator.
+      cohort, val_subjects: the data and the validation subjects (at least one).
+      shardings: (mesh, data sharding, replicated sharding).
+
+    Returns:
+      (state, iterator, trials): the winning state and its iterator, and one record per trial,
+      {"trial", "init_seed", "steps", "loss" (its last training loss), "val_loss", "chosen"}.
+    """
+    mesh, data_sharding, replicated = shardings
+    n, steps = int(config.train.init_trials), int(config.train.init_trial_steps)
+    trials, best = [], None
+    for k in range(n):
+        trial_config = config.copy_and_resolve_references()
+        trial_config.seed = int(config.seed) + k
+        _, _, state = create_train_state(trial_config)
+        state = jax.device_put(state, replicated)
+        iterator = make_iterator()
+        with jax.set_mesh(mesh):
+            for _ in tqdm(
+                range(steps),
+                desc=f"init trial {k + 1}/{n} (seed {trial_config.seed})",
+                disable=jax.process_index() != 0,
+                dynamic_ncols=True,
+                leave=False,
+            ):
+                state, metrics = train_step(state, shard_batch(next(iterator), data_sharding))
+            val = evaluate_loss(
+                eval_step, state["params"], cohort, val_subjects, config, data_sharding
+            )
+        record = {
+            "trial": k,
+            "init_seed": trial_config.seed,
+            "steps": steps,
+            "loss": float(jax.device_get(metrics["loss"])),
+            "val_loss": val,
+        }
+        logging.info(
+            "Init trial %d/%d (seed %d): val loss %.5g", k + 1, n, record["init_seed"], val
+        )
+        trials.append(record)
+        score = val if math.isfinite(val) else math.inf
+        if best is None or score < best[0]:
+            best = (score, k, state, iterator)
+    chosen = best[1]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        if chosen != best[1]:
+            raise RuntimeError(
+                f"Process {jax.process_index()} chose init trial {best[1]} but process 0 chose "
+                f"{chosen}: the validation losses differ between processes."
+            )
+    for record in trials:
+        record["chosen"] = record["trial"] == chosen
+    logging.info("Continuing init trial %d (seed %d).", chosen + 1, trials[chosen]["init_seed"])
+    return best[2], best[3], trials
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir, provenance_kw: dict | None = None
 ) -> dict:
@@ -553,6 +635,11 @@ def train_and_evaluate(
     schedule = cohort.schedule
     validate_config(config, schedule, cohort.shape)
     splits = split_cohort(config, cohort)
+    if config.train.get("init_trials", 1) > 1 and not splits["val"]:
+        raise ValueError(
+            "config.train.init_trials > 1 chooses an initialisation by the validation loss, but "
+            "the split has no validation subjects (config.data.val_fraction / val_subjects)."
+        )
 
     def write_run_files():
         provenance.write(workdir, config, extra={"splits": splits}, **(provenance_kw or {}))
@@ -576,19 +663,23 @@ def train_and_evaluate(
     eval_step = make_eval_step(graphdef, config, schedule)
 
     per_process = config.data.batch_size // jax.process_count()
-    train_iter = pipeline.slice_dataset(
-        cohort,
-        splits["train"],
-        per_process,
-        seed=config.seed,
-        shuffle=True,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        input_points=config.data.input_points,
-        mask_threshold=config.data.mask_threshold,
-        prefetch=config.data.prefetch,
-        worker_count=config.data.worker_count,
-    )
+
+    def make_iterator():
+        return pipeline.slice_dataset(
+            cohort,
+            splits["train"],
+            per_process,
+            seed=config.seed,
+            shuffle=True,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            input_points=config.data.input_points,
+            mask_threshold=config.data.mask_threshold,
+            prefetch=config.data.prefetch,
+            worker_count=config.data.worker_count,
+        )
+
+    train_iter = make_iterator()
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints",
         save_interval_steps=config.train.checkpoint_every_steps,
@@ -619,6 +710,20 @@ def train_and_evaluate(
                 )
             else:
                 write_run_files()
+        if restored is None and config.train.get("init_trials", 1) > 1:
+            state, train_iter, trials = run_init_trials(
+                config,
+                train_step,
+                eval_step,
+                make_iterator,
+                cohort,
+                splits["val"],
+                (mesh, data_sharding, replicated),
+            )
+            if jax.process_index() == 0:
+                (workdir / "init_trials.json").write_text(json.dumps(trials, indent=1))
+            # A resumed run continues the winner instead of repeating the trials.
+            ckpt.save(int(jax.device_get(state["step"])), state, train_iter, force=True)
         metrics_path = workdir / "metrics.jsonl"
         writer = open(metrics_path, "a") if jax.process_index() == 0 else None  # noqa: SIM115
         try:

@@ -170,6 +170,62 @@ def test_bad_config_gives_one_clear_sentence(cohort_root, tmp_path, field, value
         training.train_and_evaluate(config, tmp_path)
 
 
+def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp_path):
+    """Trial 0 is the plain run; the winner has the lowest val loss and is what was saved."""
+    plain = smoke_config(cohort_root, num_steps=2, eval_every_steps=2)
+    training.train_and_evaluate(plain, tmp_path / "plain")
+    plain_val = read_metrics(tmp_path / "plain")[-1]["val_loss"]
+
+    config = smoke_config(cohort_root, num_steps=2, init_trials=2, init_trial_steps=2)
+    training.train_and_evaluate(config, tmp_path / "trials")
+    path = tmp_path / "trials" / "init_trials.json"
+    trials = json.loads(path.read_text())
+    vals = [t["val_loss"] for t in trials]
+    assert [t["init_seed"] for t in trials] == [config.seed, config.seed + 1]
+    assert vals[0] != vals[1]  # another seed is another initialisation
+    np.testing.assert_allclose(vals[0], plain_val, rtol=1e-6)
+    assert [t["chosen"] for t in trials] == [v == min(vals) for v in vals]
+
+    # The checkpoint holds the winner: its validation loss is the chosen trial's.
+    cohort = pipeline.Cohort.from_bids(cohort_root)
+    graphdef, params = training.restore_params(config, tmp_path / "trials")
+    eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
+    mesh = training.make_mesh()
+    val_subjects = training.split_cohort(config, cohort)["val"]
+    got = training.evaluate_loss(
+        eval_step, params, cohort, val_subjects, config, NamedSharding(mesh, P("data"))
+    )
+    np.testing.assert_allclose(got, min(vals), rtol=1e-6)
+
+    # Training on resumes from the winner's checkpoint without repeating the trials.
+    written = path.stat().st_mtime_ns
+    training.train_and_evaluate(
+        smoke_config(cohort_root, num_steps=4, init_trials=2, init_trial_steps=2),
+        tmp_path / "trials",
+    )
+    assert path.stat().st_mtime_ns == written
+    assert [m["step"] for m in read_metrics(tmp_path / "trials")] == [4]
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"init_trials": 0}, "init_trials must be an integer >= 1, got 0"),
+        ({"init_trials": 2, "init_trial_steps": 5}, "init_trial_steps must be an integer from 1"),
+    ],
+)
+def test_bad_init_trials_are_clear_errors(cohort_root, tmp_path, train, match):
+    with pytest.raises(ValueError, match=match):
+        training.train_and_evaluate(smoke_config(cohort_root, **train), tmp_path)
+
+
+def test_init_trials_need_validation_subjects(cohort_root, tmp_path):
+    config = smoke_config(cohort_root, init_trials=2, init_trial_steps=2)
+    config.data.val_fraction = 0.0
+    with pytest.raises(ValueError, match="has no validation subjects"):
+        training.train_and_evaluate(config, tmp_path)
+
+
 def test_empty_data_root_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     config = smoke_config(tmp_path / "empty")
