@@ -14,7 +14,9 @@ Printed: for every run, the proposed Ki (measured 9–35 min + predicted 35–65
 authors' variant (predicted frames only) against the 65-min reference, as % change against the
 30-min baseline, next to the paper's margins (SSIM +2.27 %, PSNR +7.04 %, NRMSE −16.3 %), and
 the direct ablation's SSIM. Everything also goes to ROOT/summary.json. Extra `--set key=value`
-arguments are passed to every run as `--config.key=value`; each `--variant NAME:k=v;k=v` adds a
+arguments are passed to every run as `--config.key=value` (the demo trains three
+initialisations for 200 steps first: for lengths of 200 or fewer steps add
+`--set train.init_trials=1`); each `--variant NAME:k=v;k=v` adds a
 run per training length with those overrides (named NAME-N), evaluated like the plain kinetic
 one, e.g. `--variant "early:loss.early_weight=1.0"`; a variant may set `model.kind=direct` (a
 direct ablation with its own settings, e.g. `"dir1:model.kind=direct;model.input_norm=none"`).
