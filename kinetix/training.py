@@ -543,7 +543,9 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
     return total / max(weight, 1.0)
 
 
-def run_init_trials(config, train_step, eval_step, make_iterator, cohort, val_subjects, shardings):
+def run_init_trials(
+    config, train_step, eval_step, first, make_iterator, cohort, val_subjects, shardings
+):
     """Train ``config.train.init_trials`` initialisations briefly and keep the best one.
 
     Trial k starts from the initialisation of seed ``config.seed + k`` (trial 0 is the plain
@@ -557,7 +559,9 @@ def run_init_trials(config, train_step, eval_step, make_iterator, cohort, val_su
       config: the resolved config.
       train_step, eval_step: `make_train_step` / `make_eval_step` (one graphdef serves every
         seed).
-      make_iterator: () -> a fresh training iterator.
+      first: (state, iterator) of trial 0, the run's own fresh state (replicated) and
+        untouched iterator, so that they are not built twice.
+      make_iterator: () -> a fresh training iterator, for the other trials.
       cohort, val_subjects: the data and the validation subjects (at least one).
       shardings: (mesh, data sharding, replicated sharding).
 
@@ -569,15 +573,18 @@ def run_init_trials(config, train_step, eval_step, make_iterator, cohort, val_su
     n, steps = int(config.train.init_trials), int(config.train.init_trial_steps)
     trials, best = [], None
     for k in range(n):
-        trial_config = config.copy_and_resolve_references()
-        trial_config.seed = int(config.seed) + k
-        _, _, state = create_train_state(trial_config)
-        state = jax.device_put(state, replicated)
-        iterator = make_iterator()
+        seed = int(config.seed) + k
+        if k == 0:
+            state, iterator = first
+        else:
+            trial_config = config.copy_and_resolve_references()
+            trial_config.seed = seed
+            state = jax.device_put(create_train_state(trial_config)[2], replicated)
+            iterator = make_iterator()
         with jax.set_mesh(mesh):
             for _ in tqdm(
                 range(steps),
-                desc=f"init trial {k + 1}/{n} (seed {trial_config.seed})",
+                desc=f"init trial {k + 1}/{n} (seed {seed})",
                 disable=jax.process_index() != 0,
                 dynamic_ncols=True,
                 leave=False,
@@ -588,7 +595,7 @@ def run_init_trials(config, train_step, eval_step, make_iterator, cohort, val_su
             )
         record = {
             "trial": k,
-            "init_seed": trial_config.seed,
+            "init_seed": seed,
             "steps": steps,
             "loss": float(jax.device_get(metrics["loss"])),
             "val_loss": val,
@@ -715,6 +722,7 @@ def train_and_evaluate(
                 config,
                 train_step,
                 eval_step,
+                (state, train_iter),
                 make_iterator,
                 cohort,
                 splits["val"],
