@@ -213,6 +213,39 @@ def plot_bland_altman(path, pairs: dict, reference: str, title: str = "") -> Non
     _save(fig, path)
 
 
+def _fmt_mean(v) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.2g}"
+
+
+def tissue_param_panels(per_param: dict) -> dict:
+    """What `plot_tissue_params` draws: {parameter: (points, listed)}, each a list of
+    (tissue, true mean, network's mean). Points have both means > 0 (log axes); listed are the
+    others, except tissues whose true means are all zero (no tracer kinetics: the background),
+    which are left out.
+    """
+
+    def drawable(v):
+        return v is not None and math.isfinite(v) and v > 0
+
+    def zero_truth(e):
+        return e["mean"]["truth"] is not None and e["mean"]["truth"] == 0
+
+    tissues_all = {t for tissues in per_param.values() for t in tissues}
+    no_kinetics = {
+        t for t in tissues_all if all(zero_truth(ts[t]) for ts in per_param.values() if t in ts)
+    }
+    panels = {}
+    for name, tissues in per_param.items():
+        pts, skipped = [], []
+        for tissue, e in tissues.items():
+            if tissue in no_kinetics:
+                continue
+            t, p = e["mean"]["truth"], e["mean"]["proposed"]
+            (pts if drawable(t) and drawable(p) else skipped).append((tissue, t, p))
+        panels[name] = (pts, skipped)
+    return panels
+
+
 def plot_tissue_params(path, per_param: dict, title: str = "") -> bool:
     """One log–log panel per 2TCM parameter: each tissue's true mean against the network's.
 
@@ -223,18 +256,11 @@ def plot_tissue_params(path, per_param: dict, title: str = "") -> bool:
       title: figure title.
 
     Returns:
-      False (and nothing written) when no parameter has a tissue with both means positive;
-      tissues with a zero mean (e.g. k4 of an irreversible simulation) cannot be drawn on a
-      log axis and are listed in the panel instead.
+      False (and nothing written) when no parameter has a tissue with both means positive.
+      Which tissues are drawn, listed in the panel (a mean ≤ 0, e.g. k4 of an irreversible
+      simulation) or left out (the background): `tissue_param_panels`.
     """
-    panels = {}
-    for name, tissues in per_param.items():
-        pts, skipped = [], []
-        for tissue, e in tissues.items():
-            t, p = e["mean"]["truth"], e["mean"]["proposed"]
-            ok = all(v is not None and math.isfinite(v) and v > 0 for v in (t, p))
-            (pts if ok else skipped).append((tissue, t, p))
-        panels[name] = (pts, skipped)
+    panels = tissue_param_panels(per_param)
     if not any(pts for pts, _ in panels.values()):
         return False
     n = len(panels)
@@ -257,7 +283,11 @@ def plot_tissue_params(path, per_param: dict, title: str = "") -> bool:
             ax.text(
                 0.02,
                 0.98,
-                "not drawn (a mean ≤ 0): " + ", ".join(q[0] for q in skipped),
+                "not drawn (true / network's mean ≤ 0): "
+                + ", ".join(
+                    f"{q[0].replace('_', ' ')} ({_fmt_mean(q[1])} / {_fmt_mean(q[2])})"
+                    for q in skipped
+                ),
                 transform=ax.transAxes,
                 fontsize=5,
                 va="top",

@@ -409,6 +409,19 @@ def test_per_tissue_parameter_table_of_the_oracle_run(oracle_run):
     assert not (workdir / "none.png").exists()
 
 
+def test_tissue_param_panels_leave_out_the_background_and_list_zero_means():
+    def e(truth, proposed):
+        return {"mean": {"truth": truth, "proposed": proposed}}
+
+    per_param = {
+        "K1": {"background": e(0.0, 0.03), "liver": e(1.3, 0.4), "lung": e(0.02, 0.0)},
+        "k4": {"background": e(0.0, 0.001), "liver": e(0.01, 0.02), "lung": e(0.0, 0.004)},
+    }
+    panels = report.tissue_param_panels(per_param)
+    assert panels["K1"] == ([("liver", 1.3, 0.4)], [("lung", 0.02, 0.0)])
+    assert panels["k4"] == ([("liver", 0.01, 0.02)], [("lung", 0.0, 0.004)])
+
+
 def test_parameter_maps_of_the_wrong_shape_are_a_clear_error(cohort_root, tmp_path):
     cohort, root = cohort_root
 
