@@ -26,9 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.features_per_frame = 10  # U-Net output features per early frame
     m.n_early = kk.N_EARLY_FRAMES  # input frames (0–35 min)
     m.head_hidden = (256, 128, 128, 64)  # pointwise head widths (1×1 convs)
-    m.activation = "scaled_sigmoid"  # 'scaled_sigmoid' (physiological bounds) or 'hardsigmoid'
+    # 'scaled_sigmoid' (physiological bounds), 'log_scaled_sigmoid' (the same bounds on a log
+    # scale: equal relative steps over the range; lower bounds log_bounds_lower) or
+    # 'hardsigmoid' (the authors' code, all in [0, 1]).
+    m.activation = "scaled_sigmoid"
     m.bounds_lower = (0.0, 0.0, 0.0, 0.0, 0.0)  # fv, K1, k2, k3, k4 lower bounds
     m.bounds_upper = (1.0, 2.0, 3.0, 1.0, 0.2)  # upper bounds (K1 mL/min/mL, k 1/min)
+    m.log_bounds_lower = (1e-3, 1e-3, 1e-3, 1e-4, 1e-5)  # lower bounds of the log scale (> 0)
     m.init_params = (0.05, 0.1, 0.2, 0.05, 0.005)  # head output at init: typical soft tissue
     # What the head's bounded outputs are: 'rates' (the paper: fv, K1, k2, k3, k4 within the
     # bounds above) or 'macro' (fv, K1, Vd = K1/(k2+k3), E = k3/(k2+k3), k4 within the macro

@@ -110,10 +110,11 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         if not (isinstance(value, (int, float)) and math.isfinite(value)) or value < 0:
             raise ValueError(f"config.loss.{name} must be a finite number >= 0, got {value!r}.")
     if sat_weight > 0 and (
-        config.model.kind != "kinetic" or config.model.activation != "scaled_sigmoid"
+        config.model.kind != "kinetic"
+        or config.model.activation not in ("scaled_sigmoid", "log_scaled_sigmoid")
     ):
         raise ValueError(
-            "config.loss.saturation_weight > 0 guards the scaled sigmoid of the kinetic model's "
+            "config.loss.saturation_weight > 0 guards the scaled sigmoids of the kinetic model's "
             f"head; it does not apply to model.kind = {config.model.kind!r} with activation "
             f"{config.model.activation!r}."
         )

@@ -220,6 +220,8 @@ def test_saturation_guard_config_checks():
     config = smoke.get_config()
     config.loss.saturation_weight = 0.1
     training.validate_config(config, SCHED, (16, 16))  # kinetic + scaled sigmoid: accepted
+    config.model.activation = "log_scaled_sigmoid"
+    training.validate_config(config, SCHED, (16, 16))  # and on the log scale
     for field, value, match in (
         ("saturation_weight", -0.1, "saturation_weight must be a finite number >= 0"),
         ("saturation_margin", float("nan"), "saturation_margin must be a finite number"),

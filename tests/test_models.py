@@ -15,6 +15,7 @@ from kinetix import models
 from kinetix.models import (
     DEFAULT_LOWER,
     DEFAULT_UPPER,
+    LOG_LOWER,
     DirectNet,
     DoubleConv,
     FrameFeatureExtractor,
@@ -218,6 +219,70 @@ def test_custom_bounds():
     _zero_final_kernel(head, np.zeros(5))
     p = np.asarray(head(jnp.ones((B, H, W, 12))))[0, 0, 0]
     np.testing.assert_allclose(p, (np.asarray(bounds[0]) + np.asarray(bounds[1])) / 2, rtol=1e-6)
+
+
+def test_log_scaled_sigmoid_formula_bounds_and_relative_steps():
+    """exp(ln lo + (ln hi − ln lo)·σ(z)): in range, geometric mid-point at z = 0, and
+    d ln p / dz = (ln hi − ln lo)·σ(z)(1 − σ(z)), the same relative step at any value."""
+    head = KineticHead(12, HIDDEN, activation="log_scaled_sigmoid", rngs=nnx.Rngs(0))
+    assert head.lower == LOG_LOWER and head.upper == DEFAULT_UPPER
+    lo, hi = np.log(LOG_LOWER), np.log(DEFAULT_UPPER)
+    for scale in (1.0, 1e4, -1e4):
+        p = np.asarray(head(scale * jax.random.normal(jax.random.key(5), (B, H, W, 12))))
+        assert np.all(p >= np.asarray(LOG_LOWER) * (1 - 1e-6))
+        assert np.all(p <= np.asarray(DEFAULT_UPPER) * (1 + 1e-6))
+    z = np.array([-2.0, -0.5, 0.0, 0.7, 3.0])
+    _zero_final_kernel(head, z)
+    p = np.asarray(head(jnp.ones((B, H, W, 12))))[0, 0, 0]
+    np.testing.assert_allclose(p, np.exp(lo + (hi - lo) / (1.0 + np.exp(-z))), rtol=1e-6)
+    _zero_final_kernel(head, np.zeros(5))
+    mid = np.asarray(head(jnp.ones((B, H, W, 12))))[0, 0, 0]
+    np.testing.assert_allclose(mid, np.sqrt(np.asarray(LOG_LOWER) * DEFAULT_UPPER), rtol=1e-6)
+    # Relative slope, by jax.grad, against the closed form at a small and a large k3.
+    for zk in (-3.0, 2.0):
+        g = jax.grad(
+            lambda t: jnp.log(
+                models.bound_outputs(t, "log_scaled_sigmoid", LOG_LOWER, DEFAULT_UPPER)[3]
+            )
+        )
+        s = 1.0 / (1.0 + np.exp(-zk))
+        got = float(g(jnp.full(5, zk))[3])
+        np.testing.assert_allclose(got, (hi[3] - lo[3]) * s * (1 - s), rtol=1e-5)
+
+
+def test_log_scaled_sigmoid_init_params_and_validation():
+    want = (0.05, 0.1, 0.2, 0.009, 0.005)
+    head = KineticHead(
+        12, HIDDEN, activation="log_scaled_sigmoid", init_params=want, rngs=nnx.Rngs(0)
+    )
+    _zero_final_kernel(head, head.out.bias[...])
+    np.testing.assert_allclose(np.asarray(head(jnp.ones((B, H, W, 12))))[0, 0, 0], want, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs lower bounds > 0"):
+        KineticHead(
+            12,
+            HIDDEN,
+            activation="log_scaled_sigmoid",
+            bounds=(DEFAULT_LOWER, DEFAULT_UPPER),
+            rngs=nnx.Rngs(0),
+        )
+    with pytest.raises(ValueError, match="strictly inside"):
+        KineticHead(
+            12,
+            HIDDEN,
+            activation="log_scaled_sigmoid",
+            init_params=(0.5, 1.0, 1.0, 5e-5, 0.01),
+            rngs=nnx.Rngs(0),
+        )
+    with pytest.raises(ValueError, match="needs activation 'scaled_sigmoid'"):
+        KineticNet(
+            n_early=N_EARLY,
+            features_per_frame=F,
+            widths=WIDTHS,
+            head_hidden=HIDDEN,
+            activation="log_scaled_sigmoid",
+            parameterization="macro",
+            rngs=nnx.Rngs(0),
+        )
 
 
 def test_hardsigmoid_range_and_formula():
@@ -484,6 +549,14 @@ def test_build_model_from_config_objects():
     assert macro.parameterization == "macro" and macro.head.lower == (0.0, 0.0, 0.1, 0.0, 0.0)
     assert macro.head.upper == (1.0, 2.0, 1.0, 1.0, 0.1)
     cfg.parameterization = "rates"
+
+    cfg.activation = "log_scaled_sigmoid"  # its own lower bounds, the same upper ones
+    assert build_model(cfg, rngs=0).head.lower == LOG_LOWER
+    cfg.log_bounds_lower = (1e-2, 1e-2, 1e-2, 1e-3, 1e-4)
+    logb = build_model(cfg, rngs=0)
+    assert logb.head.lower == (1e-2, 1e-2, 1e-2, 1e-3, 1e-4)
+    assert logb.head.upper == (0.5, 1.0, 1.0, 0.5, 0.1)
+    assert logb(_frames()).shape == (B, H, W, 5)
 
     cfg.activation = "hardsigmoid"  # bounds fields are ignored for the authors' activation
     assert build_model(cfg, rngs=nnx.Rngs(0)).head.activation == "hardsigmoid"

@@ -16,8 +16,10 @@ from flax import nnx
 from kinetix.models.direct_net import DirectNet
 from kinetix.models.kinetic_net import (
     ACTIVATIONS,
+    BOUNDED_ACTIVATIONS,
     DEFAULT_LOWER,
     DEFAULT_UPPER,
+    LOG_LOWER,
     MACRO_LOWER,
     MACRO_UPPER,
     PAPER_HEAD_HIDDEN,
@@ -43,9 +45,11 @@ KINDS = ("kinetic", "direct")
 
 __all__ = [
     "ACTIVATIONS",
+    "BOUNDED_ACTIVATIONS",
     "DEFAULT_LOWER",
     "DEFAULT_UPPER",
     "KINDS",
+    "LOG_LOWER",
     "MACRO_LOWER",
     "MACRO_UPPER",
     "PAPER_HEAD_HIDDEN",
@@ -95,10 +99,13 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
       features_per_frame: U-Net features per frame (default 10).
       n_early: input frames (default 22).
       head_hidden: hidden widths of the pointwise head (default (256, 128, 128, 64)).
-      activation: kinetic only, ``'scaled_sigmoid'`` (default) or ``'hardsigmoid'`` (authors').
-      bounds_lower, bounds_upper: kinetic + scaled_sigmoid only: 5 numbers each for
+      activation: kinetic only, ``'scaled_sigmoid'`` (default), ``'log_scaled_sigmoid'`` (the
+        same bounds on a log scale, see `KineticHead`) or ``'hardsigmoid'`` (authors').
+      bounds_lower, bounds_upper: kinetic + a scaled sigmoid only: 5 numbers each for
         (fv, K1, k2, k3, k4) in (1, mL/min/mL, 1/min, 1/min, 1/min); default
         `DEFAULT_LOWER` = 0 and `DEFAULT_UPPER` = (1, 2, 3, 1, 0.2). None means the default.
+      log_bounds_lower: kinetic + ``'log_scaled_sigmoid'`` only: its lower bounds (all > 0),
+        used instead of ``bounds_lower``; default `LOG_LOWER`.
       parameterization: kinetic only, ``'rates'`` (default, the paper) or ``'macro'`` (the
         head outputs (fv, K1, Vd, E, k4), see `KineticNet`).
       macro_bounds_lower, macro_bounds_upper: kinetic + macro only: 5 numbers each for
@@ -138,12 +145,17 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
     activation = _get(config, "activation", "scaled_sigmoid")
     parameterization = _get(config, "parameterization", "rates")
     bounds = None
-    if activation == "scaled_sigmoid":
-        # The head's outputs are the rates, or (fv, K1, Vd, E, k4) with their own bounds.
+    if activation in BOUNDED_ACTIVATIONS:
+        # The head's outputs are the rates, or (fv, K1, Vd, E, k4) with their own bounds; the
+        # log scale has its own (positive) lower bounds.
         macro = parameterization == "macro"
         prefix = "macro_bounds" if macro else "bounds"
         default = (MACRO_LOWER, MACRO_UPPER) if macro else (DEFAULT_LOWER, DEFAULT_UPPER)
-        lower = _get(config, f"{prefix}_lower", None)
+        if activation == "log_scaled_sigmoid" and not macro:
+            lower = _get(config, "log_bounds_lower", None)
+            default = (LOG_LOWER, DEFAULT_UPPER)
+        else:
+            lower = _get(config, f"{prefix}_lower", None)
         upper = _get(config, f"{prefix}_upper", None)
         bounds = (
             default[0] if lower is None else tuple(lower),

@@ -9,6 +9,11 @@ Output bounding (``activation``):
 - ``'scaled_sigmoid'`` (kinetix default): ``lower + (upper - lower) · sigmoid(z)`` with
   physiological bounds, by default lower 0 and upper (fv 1, K1 2 mL/min/mL, k2 3, k3 1, k4 0.2
   1/min).
+- ``'log_scaled_sigmoid'`` (kinetix option): the scaled sigmoid on a log scale,
+  ``exp(ln lower + (ln upper - ln lower) · sigmoid(z))``, with lower > 0 (default `LOG_LOWER`).
+  A step in z changes a parameter by the same *relative* amount anywhere in its range, so rates
+  spanning decades (k3 ≈ 0.01 in liver, 0.15 in a tumour) are equally easy to reach and a
+  small rate sits mid-range instead of in the sigmoid's flat lower tail.
 - ``'hardsigmoid'`` (authors' code): PyTorch ``Hardsigmoid`` = ``relu6(z + 3) / 6``
   (`jax.nn.hard_sigmoid`), all five parameters in [0, 1].
 - ``'none'``: the raw outputs (used by `kinetix.models.direct_net`).
@@ -43,6 +48,9 @@ DEFAULT_LOWER = (0.0, 0.0, 0.0, 0.0, 0.0)
 DEFAULT_UPPER = (1.0, 2.0, 3.0, 1.0, 0.2)
 """Default upper bounds of (fv, K1, k2, k3, k4): fv unitless, K1 mL/min/mL, k2..k4 1/min."""
 
+LOG_LOWER = (1e-3, 1e-3, 1e-3, 1e-4, 1e-5)
+"""Default lower bounds of (fv, K1, k2, k3, k4) for ``'log_scaled_sigmoid'`` (must be > 0)."""
+
 MACRO_LOWER = (0.0, 0.0, 0.05, 0.0, 0.0)
 """Default lower bounds of the macro outputs (fv, K1, Vd, E, k4) (`kk.rates_from_macro`)."""
 
@@ -54,7 +62,10 @@ PARAMETERIZATIONS = ("rates", "macro")
 PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
 """Hidden widths of the paper's pointwise network."""
 
-ACTIVATIONS = ("scaled_sigmoid", "hardsigmoid", "none")
+ACTIVATIONS = ("scaled_sigmoid", "log_scaled_sigmoid", "hardsigmoid", "none")
+
+BOUNDED_ACTIVATIONS = ("scaled_sigmoid", "log_scaled_sigmoid")
+"""The activations with ``(lower, upper)`` bounds."""
 
 
 def _float_tuple(name: str, values, n: int) -> tuple[float, ...]:
@@ -74,15 +85,18 @@ def _final_bias(activation, lower, upper, init_params, n) -> np.ndarray:
     p = np.asarray(_float_tuple("KineticHead init_params", init_params, n))
     if activation == "none":
         return p.astype(np.float32)
-    lo = np.asarray(lower) if activation == "scaled_sigmoid" else np.zeros(n)
-    hi = np.asarray(upper) if activation == "scaled_sigmoid" else np.ones(n)
+    bounded = activation in BOUNDED_ACTIVATIONS
+    lo = np.asarray(lower) if bounded else np.zeros(n)
+    hi = np.asarray(upper) if bounded else np.ones(n)
     if np.any(p <= lo) or np.any(p >= hi):
         raise ValueError(
             f"KineticHead init_params {tuple(p)} must lie strictly inside the output range "
             f"({tuple(lo)}, {tuple(hi)})."
         )
+    if activation == "log_scaled_sigmoid":
+        p, lo, hi = np.log(p), np.log(lo), np.log(hi)
     frac = (p - lo) / (hi - lo)
-    if activation == "scaled_sigmoid":
+    if bounded:
         return np.log(frac / (1.0 - frac)).astype(np.float32)  # logit
     return (6.0 * frac - 3.0).astype(np.float32)  # inverse of relu6(z + 3) / 6 on (0, 1)
 
@@ -108,9 +122,11 @@ class KineticHead(nnx.Module):
       in_features: input channels (paper: 22 frames × 10 features = 220).
       hidden: hidden widths, each a positive multiple of 16 (may be empty).
       n_params: outputs per voxel (5 for the 2TCM: fv, K1, k2, k3, k4).
-      activation: ``'scaled_sigmoid'``, ``'hardsigmoid'`` or ``'none'``.
-      bounds: ``(lower, upper)``, each ``n_params`` numbers with lower < upper, only for
-        ``'scaled_sigmoid'``; None gives `DEFAULT_LOWER`, `DEFAULT_UPPER` (needs n_params = 5).
+      activation: ``'scaled_sigmoid'``, ``'log_scaled_sigmoid'``, ``'hardsigmoid'`` or
+        ``'none'``.
+      bounds: ``(lower, upper)``, each ``n_params`` numbers with lower < upper (and lower > 0
+        for ``'log_scaled_sigmoid'``), only for the two scaled sigmoids; None gives
+        `DEFAULT_LOWER` (`LOG_LOWER` for the log scale), `DEFAULT_UPPER` (needs n_params = 5).
         Units: fv unitless, K1 mL/min/mL, k2, k3, k4 1/min.
       init_params: output values the final bias is set to produce at zero kernel contribution
         (strictly inside the range); None: the middle of the range (zero bias).
@@ -142,14 +158,15 @@ class KineticHead(nnx.Module):
             )
         hidden = tuple(hidden)
         lower = upper = None
-        if activation == "scaled_sigmoid":
+        if activation in BOUNDED_ACTIVATIONS:
+            log = activation == "log_scaled_sigmoid"
             if bounds is None:
                 if n_params != len(DEFAULT_UPPER):
                     raise ValueError(
                         f"KineticHead bounds must be given for n_params={n_params} "
                         f"(the defaults are for the {len(DEFAULT_UPPER)} 2TCM parameters)."
                     )
-                bounds = (DEFAULT_LOWER, DEFAULT_UPPER)
+                bounds = (LOG_LOWER if log else DEFAULT_LOWER, DEFAULT_UPPER)
             if len(bounds) != 2:
                 raise ValueError(f"KineticHead bounds must be (lower, upper), got {bounds!r}.")
             lower = _float_tuple("KineticHead lower bounds", bounds[0], n_params)
@@ -159,9 +176,15 @@ class KineticHead(nnx.Module):
                     f"KineticHead bounds need lower < upper for every parameter, got "
                     f"lower={lower}, upper={upper}."
                 )
+            if log and not all(lo > 0 for lo in lower):
+                raise ValueError(
+                    f"KineticHead activation 'log_scaled_sigmoid' needs lower bounds > 0, got "
+                    f"{lower} (e.g. the defaults {LOG_LOWER})."
+                )
         elif bounds is not None:
             raise ValueError(
-                f"KineticHead bounds apply only to activation='scaled_sigmoid', not {activation!r}."
+                f"KineticHead bounds apply only to activation='scaled_sigmoid' or "
+                f"'log_scaled_sigmoid', not {activation!r}."
             )
         self.in_features = in_features
         self.hidden = hidden
@@ -211,8 +234,8 @@ def bound_outputs(z: jax.Array, activation: str, lower=None, upper=None) -> jax.
 
     Args:
       z: [..., P] final-layer outputs.
-      activation: ``'scaled_sigmoid'`` (needs ``lower``, ``upper``: P numbers each),
-        ``'hardsigmoid'`` or ``'none'``.
+      activation: ``'scaled_sigmoid'`` or ``'log_scaled_sigmoid'`` (need ``lower``, ``upper``:
+        P numbers each; lower > 0 for the log scale), ``'hardsigmoid'`` or ``'none'``.
 
     Returns:
       [..., P], in float32 or wider for the sigmoids.
@@ -227,6 +250,11 @@ def bound_outputs(z: jax.Array, activation: str, lower=None, upper=None) -> jax.
         lo = jnp.asarray(lower, z.dtype).reshape(shape)
         hi = jnp.asarray(upper, z.dtype).reshape(shape)
         return lo + (hi - lo) * jax.nn.sigmoid(z)
+    if activation == "log_scaled_sigmoid":
+        shape = (1,) * (z.ndim - 1) + (z.shape[-1],)
+        log_lo = jnp.log(jnp.asarray(lower, z.dtype).reshape(shape))
+        log_hi = jnp.log(jnp.asarray(upper, z.dtype).reshape(shape))
+        return jnp.exp(log_lo + (log_hi - log_lo) * jax.nn.sigmoid(z))
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
 
 
