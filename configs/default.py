@@ -36,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.init_params = (0.05, 0.1, 0.2, 0.05, 0.005)  # head output at init: typical soft tissue
     # What the head's bounded outputs are: 'rates' (the paper: fv, K1, k2, k3, k4 within the
     # bounds above) or 'macro' (fv, K1, Vd = K1/(k2+k3), E = k3/(k2+k3), k4 within the macro
-    # bounds, converted to rates by kk.rates_from_macro; Vd in mL/mL, E unitless).
+    # bounds, converted to rates by kk.rates_from_macro; Vd in mL/mL, E unitless) or
+    # 'uncoupled' (fv, K1v = (1 − fv)·K1, k2, k3, k4 within the rate bounds, converted by
+    # kk.rates_from_uncoupled: the tissue term's gradient does not vanish as fv → 1).
     m.parameterization = "rates"
     m.macro_bounds_lower = (0.0, 0.0, 0.05, 0.0, 0.0)
     m.macro_bounds_upper = (1.0, 2.0, 2.0, 1.0, 0.2)

@@ -656,6 +656,33 @@ def test_macro_parameterization_round_trips_and_keeps_ki():
     np.testing.assert_allclose(macro[:, 1] * macro[:, 3], ki, rtol=1e-12)
 
 
+def test_uncoupled_parameterization_round_trips_and_keeps_the_tissue_gradient(x64):
+    """(fv, (1 − fv)·K1, k2, k3, k4) -> rates is the inverse of `uncoupled_from_rates`; the
+    frames from it equal fv·Cb + the tissue curve of K1v (against the ODE reference), so their
+    derivative in K1v does not depend on fv, where the rates' derivative in K1 is (1 − fv)·that."""
+    rates = np.array([r for r in RATE_SETS if r[0] < 1])
+    back = np.asarray(kk.rates_from_uncoupled(kk.uncoupled_from_rates(jnp.asarray(rates))))
+    np.testing.assert_allclose(back, rates, rtol=1e-12, atol=1e-15)
+    inp = kk.FengInput(ROUNDED_FENG)
+    sched = kk.PAPER_SCHEDULE
+    cp = lambda t: feng_np(ROUNDED_FENG, t)
+    liver = [0.0, 1.256, 1.329, 0.020, 0.0]
+    for fv in (0.0, 0.6, 0.999):
+        u = jnp.asarray([fv, *liver[1:]])
+        got = np.asarray(pet_frames(kk.rates_from_uncoupled(u), inp, schedule=sched))
+        tissue = ode_frames(liver, cp, cp, sched, LAM, breaks=[ROUNDED_FENG.tau])
+        blood = ode_frames([1.0, 0, 0, 0, 0], cp, cp, sched, LAM, breaks=[ROUNDED_FENG.tau])
+        np.testing.assert_allclose(got, fv * blood + tissue, rtol=1e-6, err_msg=str(fv))
+        g = jax.jacfwd(lambda v: pet_frames(kk.rates_from_uncoupled(v), inp, schedule=sched))(u)
+        np.testing.assert_allclose(np.asarray(g[:, 1]) * 1.256, tissue, rtol=1e-6)
+        g_rates = jax.jacfwd(lambda v: pet_frames(v, inp, schedule=sched))(
+            kk.rates_from_uncoupled(u)
+        )
+        np.testing.assert_allclose(
+            np.asarray(g_rates[:, 1]), (1 - fv) * np.asarray(g[:, 1]), rtol=1e-6
+        )
+
+
 def test_ki_from_rates():
     np.testing.assert_allclose(kk.ki_from_rates(0.1, 0.15, 0.05), 0.025)
     assert float(kk.ki_from_rates(0.1, 0.0, 0.0)) == 0.0

@@ -365,6 +365,32 @@ def test_curve_inputs_join_every_voxels_features_before_the_head():
         DirectNet(n_early=N_EARLY, n_curve=-1, rngs=nnx.Rngs(0))
 
 
+def test_uncoupled_parameterization_outputs_rates_with_k1v_inside_the_bounds():
+    """parameterization='uncoupled': the head's bounded outputs are (fv, (1 − fv)·K1, k2, k3,
+    k4) within the rate bounds; the net returns the rates and starts at the requested ones."""
+    kw = dict(n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN)
+    net = KineticNet(parameterization="uncoupled", rngs=nnx.Rngs(0), **kw)
+    lo, hi = np.asarray(DEFAULT_LOWER), np.asarray(DEFAULT_UPPER)
+    for scale in (1.0, 1e3, -1e3):
+        x = _frames(4) * scale
+        rates = np.asarray(net(x), np.float64)
+        head = np.asarray(net.head(net.features(x)), np.float64)
+        assert np.all(head >= lo) and np.all(head <= hi)
+        fv, k1 = rates[..., 0], rates[..., 1]
+        np.testing.assert_allclose((1 - fv) * k1, head[..., 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(rates[..., [0, 2, 3, 4]], head[..., [0, 2, 3, 4]])
+    want = (0.05, 0.1, 0.2, 0.05, 0.005)
+    net = KineticNet(parameterization="uncoupled", init_params=want, rngs=nnx.Rngs(0), **kw)
+    _zero_final_kernel(net.head, net.head.out.bias[...])
+    np.testing.assert_allclose(np.asarray(net(_frames()))[1, 2, 3], want, rtol=1e-5)
+    assert (
+        build_model(
+            types.SimpleNamespace(kind="kinetic", parameterization="uncoupled", **kw), rngs=0
+        ).parameterization
+        == "uncoupled"
+    )
+
+
 def test_macro_parameterization_outputs_rates_inside_the_macro_bounds():
     """parameterization='macro': the head's bounded outputs are (fv, K1, Vd, E, k4); the net
     returns rates with K1/(k2 + k3) = Vd and k3/(k2 + k3) = E inside their bounds, starts at

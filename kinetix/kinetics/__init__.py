@@ -17,7 +17,9 @@ from kinetix.kinetics.compartment import (
     macro_from_rates,
     pet_frames,
     rates_from_macro,
+    rates_from_uncoupled,
     tissue_curve,
+    uncoupled_from_rates,
 )
 from kinetix.kinetics.frames import (
     F18_DECAY_CONSTANT,
@@ -52,5 +54,7 @@ __all__ = [
     "patlak_x",
     "pet_frames",
     "rates_from_macro",
+    "rates_from_uncoupled",
     "tissue_curve",
+    "uncoupled_from_rates",
 ]

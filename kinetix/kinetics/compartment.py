@@ -80,6 +80,35 @@ def macro_from_rates(params):
     return jnp.stack([fv, K1, K1 / den, k3 / den, k4], axis=-1)
 
 
+def rates_from_uncoupled(uncoupled, eps: float = 1e-6):
+    """2TCM rates from the "uncoupled" parameterisation, on the last axis.
+
+    (fv, K1v, k2, k3, k4) -> (fv, K1, k2, k3, k4) with K1 = K1v/(1 − fv), i.e. K1v = (1 − fv)·K1
+    is the tissue's influx per mL of *voxel*. The frames are fv·Cb + (1 − fv)·C_T(K1, …) and
+    C_T is linear in K1, so they equal fv·Cb + C_T(K1v, …): the tissue term no longer shrinks
+    as fv → 1, nor does its gradient (with the rates themselves, a head that drives fv towards 1
+    early in training loses the gradient of every tissue rate, the collapse measured in
+    benchmarks/README.md). 1 − fv is floored at ``eps`` (K1 is then large but finite).
+
+    Args:
+      uncoupled: [..., 5] (fv, K1v mL/min/mL of voxel, k2, k3, k4 1/min).
+
+    Returns:
+      [..., 5] (fv, K1 mL/min/mL, k2, k3, k4 1/min).
+    """
+    uncoupled = jnp.asarray(uncoupled)
+    fv, k1v = uncoupled[..., 0], uncoupled[..., 1]
+    K1 = k1v / jnp.maximum(1.0 - fv, eps)
+    return jnp.concatenate([fv[..., None], K1[..., None], uncoupled[..., 2:]], axis=-1)
+
+
+def uncoupled_from_rates(params):
+    """Inverse of `rates_from_uncoupled`: (fv, K1, k2, k3, k4) -> (fv, (1 − fv)·K1, k2, k3, k4)."""
+    params = jnp.asarray(params)
+    fv, K1 = params[..., 0], params[..., 1]
+    return jnp.concatenate([fv[..., None], ((1.0 - fv) * K1)[..., None], params[..., 2:]], axis=-1)
+
+
 def eigen_decomposition(K1, k2, k3, k4):
     """2TCM impulse response h(t) = a·e^{−α1 t} + b·e^{−α2 t}, stable in every limit.
 

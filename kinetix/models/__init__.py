@@ -106,8 +106,9 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
         `DEFAULT_LOWER` = 0 and `DEFAULT_UPPER` = (1, 2, 3, 1, 0.2). None means the default.
       log_bounds_lower: kinetic + ``'log_scaled_sigmoid'`` only: its lower bounds (all > 0),
         used instead of ``bounds_lower``; default `LOG_LOWER`.
-      parameterization: kinetic only, ``'rates'`` (default, the paper) or ``'macro'`` (the
-        head outputs (fv, K1, Vd, E, k4), see `KineticNet`).
+      parameterization: kinetic only, ``'rates'`` (default, the paper), ``'macro'`` (the
+        head outputs (fv, K1, Vd, E, k4)) or ``'uncoupled'`` (fv, (1 − fv)·K1, k2, k3, k4 within
+        the rate bounds); see `KineticNet`.
       macro_bounds_lower, macro_bounds_upper: kinetic + macro only: 5 numbers each for
         (fv, K1, Vd, E, k4); default `MACRO_LOWER`, `MACRO_UPPER`.
       init_params: kinetic only, the 5 parameter values the final bias maps to (default None:

@@ -57,7 +57,7 @@ MACRO_LOWER = (0.0, 0.0, 0.05, 0.0, 0.0)
 MACRO_UPPER = (1.0, 2.0, 2.0, 1.0, 0.2)
 """Default upper bounds of the macro outputs: fv 1, K1 2 mL/min/mL, Vd 2 mL/mL, E 1, k4 0.2/min."""
 
-PARAMETERIZATIONS = ("rates", "macro")
+PARAMETERIZATIONS = ("rates", "macro", "uncoupled")
 
 PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
 """Hidden widths of the paper's pointwise network."""
@@ -366,8 +366,10 @@ class KineticNet(EarlyFramesNet):
     ``parameterization``: ``'rates'`` (the paper) bounds the head's outputs as the rates
     themselves; ``'macro'`` (kinetix option) has the head output (fv, K1, Vd, E, k4) within
     ``bounds`` (default `MACRO_LOWER`, `MACRO_UPPER`; scaled sigmoid only) and converts them
-    with `kk.rates_from_macro`, so the outputs are rates either way; ``init_params`` are rates
-    in both cases.
+    with `kk.rates_from_macro`; ``'uncoupled'`` (kinetix option) has it output
+    (fv, K1v = (1 − fv)·K1, k2, k3, k4) within the rate ``bounds``, converted with
+    `kk.rates_from_uncoupled`, so that the tissue term and its gradient do not vanish as fv → 1.
+    The outputs are rates in every case, and ``init_params`` are rates.
     """
 
     def __init__(
@@ -404,6 +406,9 @@ class KineticNet(EarlyFramesNet):
                 raise ValueError(f"KineticNet macro bounds need a lower Vd > 0, got {bounds[0]}.")
             if init_params is not None:
                 init_params = _macro_init(init_params)
+        if parameterization == "uncoupled" and init_params is not None:
+            fv, k1, *rest = _float_tuple("KineticNet init_params", init_params, 5)
+            init_params = (fv, (1.0 - fv) * k1, *rest)
         self.parameterization = parameterization
         super().__init__(
             n_early=n_early,
@@ -421,10 +426,14 @@ class KineticNet(EarlyFramesNet):
         )
 
     def from_preactivations(self, z: jax.Array) -> jax.Array:
-        """Pre-activations [..., 5] -> rates (fv, K1, k2, k3, k4), through the macro outputs
-        with ``parameterization = 'macro'``."""
+        """Pre-activations [..., 5] -> rates (fv, K1, k2, k3, k4), through the macro or uncoupled
+        outputs with ``parameterization = 'macro'`` / ``'uncoupled'``."""
         out = super().from_preactivations(z)
-        return kk.rates_from_macro(out) if self.parameterization == "macro" else out
+        if self.parameterization == "macro":
+            return kk.rates_from_macro(out)
+        if self.parameterization == "uncoupled":
+            return kk.rates_from_uncoupled(out)
+        return out
 
 
 def params_to_frames(
