@@ -110,8 +110,7 @@ def validate_config(config: ml_collections.ConfigDict, schedule: kk.FrameSchedul
         if not (isinstance(value, (int, float)) and math.isfinite(value)) or value < 0:
             raise ValueError(f"config.loss.{name} must be a finite number >= 0, got {value!r}.")
     if sat_weight > 0 and (
-        config.model.kind != "kinetic"
-        or config.model.activation not in ("scaled_sigmoid", "log_scaled_sigmoid")
+        config.model.kind != "kinetic" or config.model.activation not in models.BOUNDED_ACTIVATIONS
     ):
         raise ValueError(
             "config.loss.saturation_weight > 0 guards the scaled sigmoids of the kinetic model's "
@@ -643,7 +642,8 @@ def train_and_evaluate(
     schedule = cohort.schedule
     validate_config(config, schedule, cohort.shape)
     splits = split_cohort(config, cohort)
-    if config.train.get("init_trials", 1) > 1 and not splits["val"]:
+    with_trials = config.train.get("init_trials", 1) > 1
+    if with_trials and not splits["val"]:
         raise ValueError(
             "config.train.init_trials > 1 chooses an initialisation by the validation loss, but "
             "the split has no validation subjects (config.data.val_fraction / val_subjects)."
@@ -718,7 +718,7 @@ def train_and_evaluate(
                 )
             else:
                 write_run_files()
-        if restored is None and config.train.get("init_trials", 1) > 1:
+        if restored is None and with_trials:
             state, train_iter, trials = run_init_trials(
                 config,
                 train_step,

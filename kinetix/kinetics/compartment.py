@@ -98,15 +98,13 @@ def rates_from_uncoupled(uncoupled, eps: float = 1e-6):
     """
     uncoupled = jnp.asarray(uncoupled)
     fv, k1v = uncoupled[..., 0], uncoupled[..., 1]
-    K1 = k1v / jnp.maximum(1.0 - fv, eps)
-    return jnp.concatenate([fv[..., None], K1[..., None], uncoupled[..., 2:]], axis=-1)
+    return uncoupled.at[..., 1].set(k1v / jnp.maximum(1.0 - fv, eps))
 
 
 def uncoupled_from_rates(params):
     """Inverse of `rates_from_uncoupled`: (fv, K1, k2, k3, k4) -> (fv, (1 − fv)·K1, k2, k3, k4)."""
     params = jnp.asarray(params)
-    fv, K1 = params[..., 0], params[..., 1]
-    return jnp.concatenate([fv[..., None], ((1.0 - fv) * K1)[..., None], params[..., 2:]], axis=-1)
+    return params.at[..., 1].set((1.0 - params[..., 0]) * params[..., 1])
 
 
 def eigen_decomposition(K1, k2, k3, k4):

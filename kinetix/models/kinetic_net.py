@@ -245,16 +245,14 @@ def bound_outputs(z: jax.Array, activation: str, lower=None, upper=None) -> jax.
     z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
     if activation == "hardsigmoid":
         return jax.nn.hard_sigmoid(z)
-    if activation == "scaled_sigmoid":
+    if activation in BOUNDED_ACTIVATIONS:
         shape = (1,) * (z.ndim - 1) + (z.shape[-1],)
         lo = jnp.asarray(lower, z.dtype).reshape(shape)
         hi = jnp.asarray(upper, z.dtype).reshape(shape)
-        return lo + (hi - lo) * jax.nn.sigmoid(z)
-    if activation == "log_scaled_sigmoid":
-        shape = (1,) * (z.ndim - 1) + (z.shape[-1],)
-        log_lo = jnp.log(jnp.asarray(lower, z.dtype).reshape(shape))
-        log_hi = jnp.log(jnp.asarray(upper, z.dtype).reshape(shape))
-        return jnp.exp(log_lo + (log_hi - log_lo) * jax.nn.sigmoid(z))
+        if activation == "scaled_sigmoid":
+            return lo + (hi - lo) * jax.nn.sigmoid(z)
+        lo, hi = jnp.log(lo), jnp.log(hi)
+        return jnp.exp(lo + (hi - lo) * jax.nn.sigmoid(z))
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
 
 
