@@ -399,7 +399,12 @@ def make_train_step(graphdef, tx, config, schedule, wrap=None):
 
 
 def make_eval_step(graphdef, config, schedule):
-    """`eval_step(params, batch) -> (pred [B,H,W,T], params_map or None, loss_sum, weight)`."""
+    """`eval_step(params, batch) -> (pred [B,H,W,T], params_map [B,H,W,5] or None, loss)`.
+
+    ``loss`` is the batch's objective (`compute_loss` with no step, so an early-frame term
+    that is only a warm-up is left out), a mean over the body voxels of the batch's real
+    examples (``valid`` = 1).
+    """
     n_early = config.model.n_early
     use_wb = bool(config.kinetics.use_whole_blood)
 
@@ -528,6 +533,10 @@ def _check_finite(step, metrics):
 
 
 def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
+    """The objective on every slice of ``subjects`` (the run's val_loss): the batches' losses
+    (`make_eval_step`, each a mean over its body voxels) averaged with their real-slice counts
+    as weights. With several processes every process feeds the same batches (the mean is
+    unchanged; the work is repeated per process)."""
     total, weight = 0.0, 0.0
     for batch in pipeline.eval_batches(
         cohort,
