@@ -9,19 +9,16 @@ therefore gives each process the variables of a one-node Slurm step (``SLURM_JOB
 `launch/slurm.sbatch` relies on, with the coordinator on ``127.0.0.1:<free port>`` (bound to the
 loopback interface only). `_mp_worker.py` uses explicit `jax.distributed.initialize` arguments.
 
-Evaluation after training is checked by its own test (xfail until the patch: every process
-fetches predictions that span the other process's devices and fails).
+Evaluation after training is checked by its own test (process 0 evaluates on its own devices,
+writes and prints; the others wait at a barrier).
 
-Data order. `pipeline.slice_dataset` gives process i of S the records of the shuffled stream
-at positions i, i + S, i + 2S, …, batched by B/S. Global batch k (the processes' local batches,
-process 0's rows first: `test_global_rows_follow_process_order`) thus holds stream positions
-kB … kB + B − 1, the same slices as the single-process batch k, but in another order
-(S = 2, B = 4: positions 0, 2, 1, 3). Losses and gradients are sums over the batch, so the
-2-process run equals the 1-process run up to float32 reduction order (rtol 1e-5; observed
-~1e-7). With notes/issue6_training.patch each process reads a contiguous block of each global
-batch and the global batch is the single-process one exactly
-(`test_global_batch_is_the_single_process_batch`); the runs still differ at ~1e-7 because the
-cross-process all-reduce (gloo) sums in another order than the in-process one.
+Data order. `pipeline.slice_dataset` gives process i of S the i-th block of B/S records of each
+run of B consecutive records of the shuffled stream, so global batch k (the processes' local
+batches, process 0's rows first: `test_global_rows_follow_process_order`) is exactly the
+single-process batch k (`test_global_batch_is_the_single_process_batch`). Losses and gradients
+are sums over the batch, so the 2-process run equals the 1-process run up to float32 reduction
+order (rtol 1e-5; observed ~1e-7: the cross-process all-reduce (gloo) sums in another order than
+the in-process one).
 """
 
 import json
