@@ -2,7 +2,8 @@
 
 References: scipy `solve_ivp` (DOP853, rtol 1e-12) of the 2TCM ODE with a decay-weighted frame
 integral as an extra state; scipy `quad`; the analytic values in shared/reference/KINETICS.md;
-and the TPCCLIB fixture in shared/reference/tpcclib-case/ (see test_tpcclib.py).
+and the TPCCLIB fixture (tests/data/tpcclib-case, a copy of shared/reference/tpcclib-case; see
+test_tpcclib.py).
 """
 
 import functools
@@ -19,7 +20,7 @@ from scipy.integrate import quad, solve_ivp
 import kinetix.kinetics as kk
 from kinetix.kinetics import expconv
 
-TPC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "tpcclib-case"
+TPC = pathlib.Path(__file__).resolve().parent / "data" / "tpcclib-case"  # vendored copy
 LAM = kk.F18_DECAY_CONSTANT
 pet_frames = jax.jit(kk.pet_frames, static_argnames=("schedule", "decay_constant"))
 ROUNDED_FENG = kk.FengParams(851.1, 21.88, 20.81, -4.134, -0.1191, -0.01043, 0.735)
@@ -176,7 +177,7 @@ def test_feng_pairing_pinned(x64):
     np.testing.assert_allclose(late, feng_np(kk.FENG_FDG, np.array([60.0])), rtol=1e-12)
     assert abs(late[0] - feng_np(swapped, np.array([60.0]))[0]) > 0.3  # a swap would show
     # TPCCLIB's own sampling of the same input (plasma_fine.bld), to 1e-9.
-    fine = np.loadtxt(TPC / "plasma_fine.bld", skiprows=1)[::50]
+    fine = np.loadtxt(TPC / "plasma_fine.bld.gz", skiprows=1)[::50]
     np.testing.assert_allclose(inp(jnp.asarray(fine[:, 0])), fine[:, 1], rtol=1e-9, atol=1e-9)
 
 
