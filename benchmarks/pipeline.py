@@ -34,7 +34,6 @@ is ~0.06 ms at 32×32×28).
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -46,17 +45,12 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _config import load_config  # noqa: E402  (benchmarks/_config.py)
+
 from kinetix.data import bids, pipeline  # noqa: E402
 
 DEMO_STEP_S = 0.58  # configs/demo.py docstring: measured s per train step (2 vCPU, batch 2)
 KEYS = ("frames", "mask", "plasma_times", "plasma", "whole_blood", "subject", "slice", "valid")
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def simulate(out_dir, n_subjects, size, slices):

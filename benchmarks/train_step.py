@@ -12,7 +12,6 @@ also reports MFU against the device's peak (set --peak_tflops for your card).
 """
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import tempfile
@@ -28,16 +27,11 @@ from jax.sharding import PartitionSpec as P
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _config import load_config  # noqa: E402  (benchmarks/_config.py)
+
 from kinetix import training  # noqa: E402
 from kinetix.data import pipeline  # noqa: E402
 from kinetix.models import apply_per_frame  # noqa: E402
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def flops_of(lowered):
