@@ -57,7 +57,7 @@ MACRO_LOWER = (0.0, 0.0, 0.05, 0.0, 0.0)
 MACRO_UPPER = (1.0, 2.0, 2.0, 1.0, 0.2)
 """Default upper bounds of the macro outputs: fv 1, K1 2 mL/min/mL, Vd 2 mL/mL, E 1, k4 0.2/min."""
 
-PARAMETERIZATIONS = ("rates", "macro", "uncoupled")
+PARAMETERIZATIONS = ("rates", "macro", "uncoupled")  # keys of _CONVERSIONS
 
 PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
 """Hidden widths of the paper's pointwise network."""
@@ -110,6 +110,22 @@ def _macro_init(init_params) -> tuple[float, ...]:
             "macro parameterisation (Vd = K1/(k2 + k3), E = k3/(k2 + k3))."
         )
     return (fv, k1, k1 / (k2 + k3), k3 / (k2 + k3), k4)
+
+
+def _uncoupled_init(init_params) -> tuple[float, ...]:
+    """Rates (fv, K1, k2, k3, k4) -> uncoupled (fv, (1 − fv)·K1, k2, k3, k4) in NumPy (at
+    construction; `kk.uncoupled_from_rates` in float64, so the initial bias is not rounded to
+    float32 before the logit)."""
+    fv, k1, *rest = _float_tuple("KineticNet init_params", init_params, 5)
+    return (fv, (1.0 - fv) * k1, *rest)
+
+
+# parameterisation -> (rates -> head outputs, in NumPy for init_params; head outputs -> rates).
+_CONVERSIONS = {
+    "rates": (None, None),
+    "macro": (_macro_init, kk.rates_from_macro),
+    "uncoupled": (_uncoupled_init, kk.rates_from_uncoupled),
+}
 
 
 class KineticHead(nnx.Module):
@@ -402,11 +418,9 @@ class KineticNet(EarlyFramesNet):
             bounds = (MACRO_LOWER, MACRO_UPPER) if bounds is None else bounds
             if float(bounds[0][2]) <= 0:
                 raise ValueError(f"KineticNet macro bounds need a lower Vd > 0, got {bounds[0]}.")
-            if init_params is not None:
-                init_params = _macro_init(init_params)
-        if parameterization == "uncoupled" and init_params is not None:
-            fv, k1, *rest = _float_tuple("KineticNet init_params", init_params, 5)
-            init_params = (fv, (1.0 - fv) * k1, *rest)
+        to_outputs = _CONVERSIONS[parameterization][0]
+        if to_outputs is not None and init_params is not None:
+            init_params = to_outputs(init_params)
         self.parameterization = parameterization
         super().__init__(
             n_early=n_early,
@@ -427,11 +441,8 @@ class KineticNet(EarlyFramesNet):
         """Pre-activations [..., 5] -> rates (fv, K1, k2, k3, k4), through the macro or uncoupled
         outputs with ``parameterization = 'macro'`` / ``'uncoupled'``."""
         out = super().from_preactivations(z)
-        if self.parameterization == "macro":
-            return kk.rates_from_macro(out)
-        if self.parameterization == "uncoupled":
-            return kk.rates_from_uncoupled(out)
-        return out
+        to_rates = _CONVERSIONS[self.parameterization][1]
+        return out if to_rates is None else to_rates(out)
 
 
 def params_to_frames(
