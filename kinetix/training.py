@@ -533,23 +533,36 @@ def _check_finite(step, metrics):
 
 
 def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
-    """The objective on every slice of ``subjects`` (the run's val_loss): the batches' losses
-    (`make_eval_step`, each a mean over its body voxels) averaged with their real-slice counts
-    as weights. With several processes every process feeds the same batches (the mean is
-    unchanged; the work is repeated per process)."""
+    """The objective's mean over every body voxel of ``subjects`` (the run's val_loss).
+
+    Each batch's loss (`make_eval_step`: a mean over the batch's body voxels) is weighted by the
+    batch's body-voxel count (`loss_mask`), so the value is the same whatever the batch size
+    and the number of devices or processes (up to float32 summation order). With P processes a
+    global batch holds P × ``train.eval_batch_size`` slices and every process feeds its own
+    block of them (process 0's first), so no process repeats another's work.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    local = int(config.train.eval_batch_size)
     total, weight = 0.0, 0.0
     for batch in pipeline.eval_batches(
         cohort,
         subjects,
-        config.train.eval_batch_size,
+        local * count,
         input_points=config.data.input_points,
         mask_threshold=config.data.mask_threshold,
     ):
-        _, _, loss = eval_step(params, shard_batch(batch, sharding))
-        n = float(np.sum(batch["valid"]))
-        total += float(loss) * n
-        weight += n
-    return total / max(weight, 1.0)
+        w = float(np.sum(loss_mask(batch)))
+        block = {k: np.asarray(batch[k])[index * local : (index + 1) * local] for k in BATCH_KEYS}
+        _, _, loss = eval_step(params, shard_batch(block, sharding))
+        if w > 0:
+            total += float(loss) * w
+            weight += w
+    if weight == 0:
+        raise ValueError(
+            f"The validation subjects {list(subjects)} have no body voxels (mask threshold "
+            f"{config.data.mask_threshold}): there is nothing to validate on."
+        )
+    return total / weight
 
 
 def run_init_trials(

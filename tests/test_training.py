@@ -170,6 +170,35 @@ def test_bad_config_gives_one_clear_sentence(cohort_root, tmp_path, field, value
         training.train_and_evaluate(config, tmp_path)
 
 
+def test_validation_loss_is_the_mean_over_every_body_voxel(cohort_root):
+    """`evaluate_loss` over batches of 4 equals the objective of one batch holding every slice
+    (a direct mean over all body voxels), whatever the batch size; the old slice-count weighting
+    of the batch means would differ where slices hold different numbers of body voxels."""
+    config = smoke_config(cohort_root)
+    cohort = pipeline.Cohort.from_bids(cohort_root)
+    graphdef, _, state = training.create_train_state(config)
+    params = state["params"]
+    eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
+    sharding = NamedSharding(training.make_mesh(), P("data"))
+    subjects = cohort.subjects
+    n = len(cohort.records(subjects))
+    whole = -(-n // 4) * 4  # every slice in one batch, padded to a multiple of the 4 devices
+    batch = next(pipeline.eval_batches(cohort, subjects, whole, input_points=64))
+    _, _, want = eval_step(params, training.shard_batch(batch, sharding))
+    # The old weighting (batch means weighted by real slices) misses it by far more than rtol,
+    # so this test tells the two apart.
+    means, slices = [], []
+    for b in pipeline.eval_batches(cohort, subjects, 4, input_points=64):
+        means.append(float(eval_step(params, training.shard_batch(b, sharding))[2]))
+        slices.append(float(np.sum(b["valid"])))
+    assert len(means) > 1
+    assert abs(np.average(means, weights=slices) / float(want) - 1) > 1e-4
+    for b in (4, 8):
+        config.train.eval_batch_size = b
+        got = training.evaluate_loss(eval_step, params, cohort, subjects, config, sharding)
+        np.testing.assert_allclose(got, float(want), rtol=2e-6, err_msg=f"batch {b}")
+
+
 def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp_path):
     """Trial 0 is the plain run; the winner has the lowest val loss and is what was saved."""
     plain = smoke_config(cohort_root, num_steps=2, eval_every_steps=2)
