@@ -122,6 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
     # batches, continue the one with the lowest validation loss (needs validation subjects).
     t.init_trials = 1
     t.init_trial_steps = 200
+    # Slices per batch and process in validation and evaluation (a multiple of each process's
+    # devices); the validation loss is a mean over body voxels and does not depend on it.
     t.eval_batch_size = 8
     t.multiprocess = False  # call jax.distributed.initialize() (also set by launchers)
     # Split a CPU into this many single-threaded XLA devices for data parallelism (0: XLA's
