@@ -13,6 +13,8 @@ For every slice of the held-out subjects, Patlak Ki maps (`kk.patlak`, TPCCLIB c
 - **proposed_late**: the authors' variant, Patlak on the predicted frames 23–28 only
   (t* = start of frame `n_early` + 1, i.e. 35 min);
 - **direct**: the "without model" ablation spliced like *proposed* (when `ablation_fn` is given);
+- **direct_late**: the same ablation's predicted frames only, fitted like *proposed_late* (the
+  authors' variant for both networks);
 - **truth**: the simulator's voxel-level Ki (`derivatives/truth`), when every subject has one.
 
 Every Ki (and SUV) map is multiplied by the body mask of the batch (Ki outside the body is 0)
@@ -193,7 +195,7 @@ def evaluate_run(
     has_direct = ablation_fn is not None
     logging.info("Evaluating %d subjects (%s).", len(subjects), truth_note)
 
-    ki_methods = ["baseline", "proposed", "proposed_late"] + ["direct"] * has_direct
+    ki_methods = ["baseline", "proposed", "proposed_late"] + ["direct", "direct_late"] * has_direct
     tables = {"ki_vs_reference": ki_methods + ["truth"] * has_truth}
     if has_truth:
         tables["ki_vs_truth"] = ["reference", *ki_methods]
@@ -244,6 +246,7 @@ def evaluate_run(
         }
         if has_direct:
             ki["direct"] = np.asarray(fit["proposed"](direct, x, cp)) * mask
+            ki["direct_late"] = np.asarray(fit["proposed_late"](direct, x, cp)) * mask
         x, cp = np.asarray(x, np.float64), np.asarray(cp, np.float64)
         names = [cohort.subjects[int(i)] for i in batch["subject"]]
         zs = [int(z) for z in batch["slice"]]

@@ -109,7 +109,15 @@ def _write_figures(
     fig_dir = pathlib.Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = []
-    map_order = ("reference", "baseline", "proposed", "proposed_late", "direct", "truth")
+    map_order = (
+        "reference",
+        "baseline",
+        "proposed",
+        "proposed_late",
+        "direct",
+        "direct_late",
+        "truth",
+    )
     for ex in examples:
         maps = {METHOD_LABELS[m]: ex["ki"][m] for m in map_order if m in ex["ki"]}
         name = f"ki_maps_{ex['subject']}_z{ex['slice']:02d}.png"

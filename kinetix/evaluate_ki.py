@@ -22,6 +22,7 @@ METHOD_LABELS = {
     "proposed": "kinetix: meas. 9-35 + pred. 35-65",
     "proposed_late": "pred. 35-65 only (authors)",
     "direct": "direct net (no model)",
+    "direct_late": "direct, pred. 35-65 only",
     "truth": "true Ki",
     "measured": "measured frame",
     "noisefree": "noise-free frame (truth)",

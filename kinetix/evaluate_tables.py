@@ -312,6 +312,8 @@ def conventions(windows: KiWindows, mask_threshold: float, roi_note: str) -> dic
         f"({span(f['proposed_late'])}, t* = {windows.late_t_star:g} min).",
         "direct": "Direct ablation = the no-model network's late frames spliced like the "
         "proposed method, then the same Patlak fit.",
+        "direct_late": "Direct ablation, authors' variant = Patlak on the no-model network's "
+        f"predicted frames only ({span(f['proposed_late'])}), as for the kinetic network.",
         "truth": "True Ki = the simulator's voxel-level Ki (derivatives/truth), compared "
         "against the reference as an extra row and used as a second reference.",
         "suv": f"SUV metrics on the last frame ({s.n_frames}, {s.start[-1]:g}-{s.end[-1]:g} min):"

@@ -200,6 +200,7 @@ def test_oracle_prediction_reproduces_reference(oracle_run):
     # The authors' predicted-only variant and the direct ablation are not the reference.
     assert ki["proposed_late"]["nrmse"]["mean"] > 1e-3
     assert ki["direct"]["nrmse"]["mean"] > 1e-3
+    assert ki["direct_late"]["nrmse"]["mean"] > 1e-3
     suv = _methods(result, "suv_last_frame")
     np.testing.assert_allclose(suv["proposed"]["ssim"]["mean"], 1.0, rtol=0, atol=1e-7)
     np.testing.assert_allclose(suv["direct"]["nrmse"]["mean"], 0.1, rtol=1e-5)  # frames × 0.9
@@ -512,7 +513,8 @@ def test_table_lists_all_methods_in_fixed_width(oracle_run):
     result, _ = oracle_run
     table = result["table"]
     labels = evaluate.METHOD_LABELS
-    for key in ("baseline", "proposed", "proposed_late", "direct", "truth", "reference"):
+    keys = ("baseline", "proposed", "proposed_late", "direct", "direct_late", "truth", "reference")
+    for key in keys:
         assert labels[key] in table
     blocks = table.split("\n\n")
     assert len(blocks) == 2  # against the reference and against the truth
