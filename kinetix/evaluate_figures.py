@@ -109,17 +109,9 @@ def _write_figures(
     fig_dir = pathlib.Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = []
-    map_order = (
-        "reference",
-        "baseline",
-        "proposed",
-        "proposed_late",
-        "direct",
-        "direct_late",
-        "truth",
-    )
     for ex in examples:
-        maps = {METHOD_LABELS[m]: ex["ki"][m] for m in map_order if m in ex["ki"]}
+        # Every Ki method of the example, in METHOD_LABELS' order.
+        maps = {label: ex["ki"][m] for m, label in METHOD_LABELS.items() if m in ex["ki"]}
         name = f"ki_maps_{ex['subject']}_z{ex['slice']:02d}.png"
         report.plot_ki_maps(
             fig_dir / name,

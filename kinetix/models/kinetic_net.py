@@ -57,8 +57,6 @@ MACRO_LOWER = (0.0, 0.0, 0.05, 0.0, 0.0)
 MACRO_UPPER = (1.0, 2.0, 2.0, 1.0, 0.2)
 """Default upper bounds of the macro outputs: fv 1, K1 2 mL/min/mL, Vd 2 mL/mL, E 1, k4 0.2/min."""
 
-PARAMETERIZATIONS = ("rates", "macro", "uncoupled")  # keys of _CONVERSIONS
-
 PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
 """Hidden widths of the paper's pointwise network."""
 
@@ -126,6 +124,7 @@ _CONVERSIONS = {
     "macro": (_macro_init, kk.rates_from_macro),
     "uncoupled": (_uncoupled_init, kk.rates_from_uncoupled),
 }
+PARAMETERIZATIONS = tuple(_CONVERSIONS)  # ("rates", "macro", "uncoupled")
 
 
 class KineticHead(nnx.Module):
