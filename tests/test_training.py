@@ -199,6 +199,20 @@ def test_validation_loss_is_the_mean_over_every_body_voxel(cohort_root):
         np.testing.assert_allclose(got, float(want), rtol=2e-6, err_msg=f"batch {b}")
 
 
+def test_validation_loss_without_body_voxels_is_an_error(cohort_root):
+    """A threshold no voxel reaches leaves nothing to validate on: one clear error, not NaN."""
+    config = smoke_config(cohort_root)
+    config.data.mask_threshold = 1e9
+    cohort = pipeline.Cohort.from_bids(cohort_root)
+    graphdef, _, state = training.create_train_state(config)
+    eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
+    sharding = NamedSharding(training.make_mesh(), P("data"))
+    with pytest.raises(ValueError, match="have no body voxels .mask threshold 1000000000"):
+        training.evaluate_loss(
+            eval_step, state["params"], cohort, cohort.subjects[:1], config, sharding
+        )
+
+
 def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp_path):
     """Trial 0 is the plain run; the winner has the lowest val loss and is what was saved."""
     plain = smoke_config(cohort_root, num_steps=2, eval_every_steps=2)
