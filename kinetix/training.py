@@ -538,31 +538,36 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
     Each batch's loss (`make_eval_step`: a mean over the batch's body voxels) is weighted by the
     batch's body-voxel count (`loss_mask`), so the value is the same whatever the batch size
     and the number of devices or processes (up to float32 summation order). With P processes a
-    global batch holds P × ``train.eval_batch_size`` slices and every process feeds its own
-    block of them (process 0's first), so no process repeats another's work.
+    global batch holds P × ``train.eval_batch_size`` slices; every process reads and feeds only
+    its own block of them (process 0's first, `pipeline.eval_batches` with shard_index /
+    shard_count), so no process repeats another's reading or work, and the blocks' body-voxel
+    counts are summed across processes (one all-gather at the end).
     """
     index, count = jax.process_index(), jax.process_count()
-    local = int(config.train.eval_batch_size)
-    total, weight = 0.0, 0.0
-    for batch in pipeline.eval_batches(
+    weights, losses = [], []
+    for block in pipeline.eval_batches(
         cohort,
         subjects,
-        local * count,
+        int(config.train.eval_batch_size),
         input_points=config.data.input_points,
         mask_threshold=config.data.mask_threshold,
+        shard_index=index,
+        shard_count=count,
     ):
-        w = float(np.sum(loss_mask(batch)))
-        block = {k: np.asarray(batch[k])[index * local : (index + 1) * local] for k in BATCH_KEYS}
-        _, _, loss = eval_step(params, shard_batch(block, sharding))
-        if w > 0:
-            total += float(loss) * w
-            weight += w
-    if weight == 0:
+        weights.append(float(np.sum(loss_mask(block))))
+        losses.append(float(eval_step(params, shard_batch(block, sharding))[2]))
+    weights = np.asarray(weights)  # this process's body voxels per global batch
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
+    if weights.sum() == 0:
         raise ValueError(
             f"The validation subjects {list(subjects)} have no body voxels (mask threshold "
             f"{config.data.mask_threshold}): there is nothing to validate on."
         )
-    return total / weight
+    real = weights > 0  # an all-padding batch's loss is 0/0
+    return float(np.sum(np.asarray(losses)[real] * weights[real]) / weights.sum())
 
 
 def run_init_trials(

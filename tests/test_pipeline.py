@@ -359,6 +359,34 @@ def test_eval_batches_cover_every_slice_once(cohort):
         pipeline.eval_batches(cohort, ["sub-00"], 2)
 
 
+@pytest.mark.parametrize("shards, local", [(2, 5), (3, 3)])  # 12 slices: 10+2, 9+3
+def test_eval_batch_shards_assemble_the_single_process_batches(cohort, shards, local):
+    """Shard i's batches are block i of each global batch of shards × local slices: put side
+    by side they are the unsharded batches, real examples and `valid` alike; every shard
+    yields as many batches, even when its block of the last global batch is all padding."""
+    subjects = ["sub-03", "sub-01", "sub-02", "sub-04"]
+    whole = list(pipeline.eval_batches(cohort, subjects, shards * local, input_points=16))
+    parts = [
+        list(
+            pipeline.eval_batches(
+                cohort, subjects, local, input_points=16, shard_index=i, shard_count=shards
+            )
+        )
+        for i in range(shards)
+    ]
+    assert [len(p) for p in parts] == [len(whole)] * shards
+    for k, batch in enumerate(whole):
+        valid = np.concatenate([p[k]["valid"] for p in parts])
+        np.testing.assert_array_equal(valid, batch["valid"])
+        ok = valid > 0
+        for key in ("frames", "mask", "plasma", "subject", "slice"):
+            got = np.concatenate([p[k][key] for p in parts])
+            np.testing.assert_array_equal(got[ok], batch[key][ok], err_msg=f"batch {k} {key}")
+    assert not parts[-1][-1]["valid"].any()  # the last block of the last batch is padding
+    with pytest.raises(ValueError, match="shard_index must be in"):
+        pipeline.eval_batches(cohort, subjects, 2, shard_index=2, shard_count=2)
+
+
 def test_default_cache_holds_a_small_cohort(tmp_path):
     """By default a cohort that fits in DEFAULT_CACHE_BYTES is decoded once per subject."""
     from kinetix import simulate

@@ -233,6 +233,8 @@ def eval_batches(
     *,
     input_points: int = DEFAULT_INPUT_POINTS,
     mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> Iterator[dict]:
     """Every slice of `subjects` once, in order (subject as given, then z), in fixed-size batches.
 
@@ -240,33 +242,53 @@ def eval_batches(
     0; weight per-example metrics by `valid`. Subjects are read one after another, so the LRU
     cache decodes each study once.
 
+    With `shard_count` = S > 1 (one shard per process), the slices go in global batches of
+    S × `batch_size`, and shard i yields only block i of each (`batch_size` slices, process 0's
+    first, as `training.shard_batch` assembles them), reading only its own slices. Every shard
+    yields as many batches; a block past the last slice is all padding (copies of the global
+    batch's first slice, `valid` 0).
+
     Args:
       cohort: the `Cohort`.
       subjects: subject names, in the order wanted.
-      batch_size: examples per batch (B).
+      batch_size: examples per batch (B), per shard.
       input_points: samples per input curve (K).
       mask_threshold: body-mask threshold.
+      shard_index, shard_count: this process's shard and the number of shards.
 
     Yields:
       Batch dicts as `slice_dataset` yields, `valid` [B] f32 marking real examples.
     """
     _check_common(batch_size, input_points, mask_threshold)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}.")
     records = cohort.records(subjects)  # validates before the first yield
     if not records:
         raise ValueError("The subjects given have no slices.")
-    return _eval_generator(cohort, records, int(batch_size), int(input_points), mask_threshold)
+    return _eval_generator(
+        cohort,
+        records,
+        int(batch_size),
+        int(input_points),
+        mask_threshold,
+        int(shard_index),
+        int(shard_count),
+    )
 
 
-def _eval_generator(cohort, records, batch_size, input_points, mask_threshold):
-    for start in range(0, len(records), batch_size):
-        examples = [
-            cohort.slice(
-                cohort.subjects[i], z, input_points=input_points, mask_threshold=mask_threshold
-            )
-            for i, z in records[start : start + batch_size]
-        ]
+def _eval_generator(cohort, records, batch_size, input_points, mask_threshold, index, count):
+    def read(record):
+        i, z = record
+        return cohort.slice(
+            cohort.subjects[i], z, input_points=input_points, mask_threshold=mask_threshold
+        )
+
+    for start in range(0, len(records), batch_size * count):
+        first = start + index * batch_size
+        examples = [read(r) for r in records[first : first + batch_size]]
         n_real = len(examples)
         if n_real < batch_size:
-            pad = dict(examples[-1], valid=np.float32(0.0))
+            template = examples[-1] if examples else read(records[start])
+            pad = dict(template, valid=np.float32(0.0))
             examples.extend([pad] * (batch_size - n_real))
         yield {k: np.stack([ex[k] for ex in examples]) for k in _BATCH_KEYS}
