@@ -560,7 +560,9 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
     if count > 1:
         from jax.experimental import multihost_utils
 
-        weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
+        # Gathered as float32 (exact while a block holds < 2^24 voxels), summed in float64.
+        gathered = multihost_utils.process_allgather(weights.astype(np.float32))
+        weights = np.asarray(gathered, np.float64).sum(axis=0)
     if weights.sum() == 0:
         raise ValueError(
             f"The validation subjects {list(subjects)} have no body voxels (mask threshold "
