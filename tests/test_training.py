@@ -170,16 +170,20 @@ def test_bad_config_gives_one_clear_sentence(cohort_root, tmp_path, field, value
         training.train_and_evaluate(config, tmp_path)
 
 
+def _fresh_eval_setup(config, cohort_root):
+    """(cohort, freshly initialised params, eval_step, data sharding) for `evaluate_loss`."""
+    cohort = pipeline.Cohort.from_bids(cohort_root)
+    graphdef, _, state = training.create_train_state(config)
+    eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
+    return cohort, state["params"], eval_step, NamedSharding(training.make_mesh(), P("data"))
+
+
 def test_validation_loss_is_the_mean_over_every_body_voxel(cohort_root):
     """`evaluate_loss` over batches of 4 equals the objective of one batch holding every slice
     (a direct mean over all body voxels), whatever the batch size; the old slice-count weighting
     of the batch means would differ where slices hold different numbers of body voxels."""
     config = smoke_config(cohort_root)
-    cohort = pipeline.Cohort.from_bids(cohort_root)
-    graphdef, _, state = training.create_train_state(config)
-    params = state["params"]
-    eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
-    sharding = NamedSharding(training.make_mesh(), P("data"))
+    cohort, params, eval_step, sharding = _fresh_eval_setup(config, cohort_root)
     subjects = cohort.subjects
     n = len(cohort.records(subjects))
     whole = -(-n // 4) * 4  # every slice in one batch, padded to a multiple of the 4 devices
@@ -203,14 +207,9 @@ def test_validation_loss_without_body_voxels_is_an_error(cohort_root):
     """A threshold no voxel reaches leaves nothing to validate on: one clear error, not NaN."""
     config = smoke_config(cohort_root)
     config.data.mask_threshold = 1e9
-    cohort = pipeline.Cohort.from_bids(cohort_root)
-    graphdef, _, state = training.create_train_state(config)
-    eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
-    sharding = NamedSharding(training.make_mesh(), P("data"))
+    cohort, params, eval_step, sharding = _fresh_eval_setup(config, cohort_root)
     with pytest.raises(ValueError, match="have no body voxels .mask threshold 1000000000"):
-        training.evaluate_loss(
-            eval_step, state["params"], cohort, cohort.subjects[:1], config, sharding
-        )
+        training.evaluate_loss(eval_step, params, cohort, cohort.subjects[:1], config, sharding)
 
 
 def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp_path):

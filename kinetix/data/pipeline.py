@@ -130,6 +130,14 @@ def _check_common(batch_size, input_points, mask_threshold) -> None:
         raise ValueError(f"mask_threshold must be >= 0, got {mask_threshold}.")
 
 
+def _check_shard(shard_index, shard_count) -> None:
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index must be in [0, shard_count) with shard_count >= 1, got "
+            f"shard_index={shard_index}, shard_count={shard_count}."
+        )
+
+
 def slice_dataset(
     cohort: Cohort,
     subjects: Sequence[str],
@@ -189,11 +197,7 @@ def slice_dataset(
     if isinstance(subjects, str):
         raise ValueError("subjects must be a list of subject names, not one string.")
     subjects = sorted(set(subjects), key=lambda s: cohort.index(s))
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f"shard_index must be in [0, shard_count) with shard_count >= 1, got "
-            f"shard_index={shard_index}, shard_count={shard_count}."
-        )
+    _check_shard(shard_index, shard_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
     if num_epochs is not None and num_epochs < 1:
@@ -260,8 +264,7 @@ def eval_batches(
       Batch dicts as `slice_dataset` yields, `valid` [B] f32 marking real examples.
     """
     _check_common(batch_size, input_points, mask_threshold)
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}.")
+    _check_shard(shard_index, shard_count)
     records = cohort.records(subjects)  # validates before the first yield
     if not records:
         raise ValueError("The subjects given have no slices.")
