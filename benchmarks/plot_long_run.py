@@ -37,17 +37,16 @@ def main() -> None:
         return [row[table][method]["ssim"] for _, row in snaps]
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
-    panels = [
-        (axes[0], "ki_vs_reference", ("proposed", "direct"), "baseline",
+    panels = [  # (axis, table, (kinetic, direct) methods, (level method, its label), title)
+        (axes[0], "ki_vs_reference", ("proposed", "direct"), ("baseline", "30-min Patlak"),
          "Ki SSIM vs 65-min reference\n(measured 9–35 + predicted 35–65 min)"),
-        (axes[1], "ki_vs_truth", ("proposed_late", "direct_late"), "reference",
+        (axes[1], "ki_vs_truth", ("proposed_late", "direct_late"), ("reference", "65-min Patlak"),
          "Ki SSIM vs true Ki\n(predicted 35–65 min only, the authors' route)"),
     ]  # fmt: skip
-    for ax, table, (ours, theirs), other, title in panels:
+    for ax, table, (ours, theirs), (other, label), title in panels:
         for name, method in (("kinetic", ours), ("direct", theirs)):
             ax.plot(steps, series(table, method), "o-", color=COLOURS[name], label=name)
         level = snaps[0][1][table][other]["ssim"]
-        label = "30-min Patlak" if other == "baseline" else "65-min Patlak"
         ax.axhline(level, color="grey", ls=":", label=f"{label} ({level:.3f})")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("SSIM")
