@@ -555,7 +555,10 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
         shard_count=count,
     ):
         weights.append(float(np.sum(loss_mask(block))))
-        losses.append(float(eval_step(params, shard_batch(block, sharding))[2]))
+        # Kept on device: no host round trip per batch, so reading the next batch overlaps
+        # this one's computation (fetched once, below).
+        losses.append(eval_step(params, shard_batch(block, sharding))[2])
+    losses = np.asarray(jax.device_get(losses), np.float64)
     weights = np.asarray(weights)  # this process's body voxels per global batch
     if count > 1:
         from jax.experimental import multihost_utils
@@ -569,7 +572,7 @@ def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
             f"{config.data.mask_threshold}): there is nothing to validate on."
         )
     real = weights > 0  # an all-padding batch's loss is 0/0
-    return float(np.sum(np.asarray(losses)[real] * weights[real]) / weights.sum())
+    return float(np.sum(losses[real] * weights[real]) / weights.sum())
 
 
 def run_init_trials(
