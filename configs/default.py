@@ -117,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every_steps = 5000
     t.checkpoint_every_steps = 1000
     t.keep_checkpoints = 3
+    # Steps whose checkpoints are kept for good besides the newest keep_checkpoints (saved even
+    # off checkpoint_every_steps), e.g. (2400, 4800) for a learning curve: evaluate each with
+    # `python -m kinetix.evaluate --workdir W --step 2400` (writes W/eval-step2400).
+    t.keep_checkpoint_steps = ()
     # Initialisation trials against degenerate starts (1: off, the paper): train init_trials
     # initialisations (seeds seed, seed + 1, ...) for init_trial_steps steps each on the same
     # batches, continue the one with the lowest validation loss (needs validation subjects).

@@ -85,6 +85,9 @@ class Checkpointer:
         the first `save` call of a run with no checkpoint yet and any step at which a
         preemption was signalled; `force=True` writes regardless.
       keep: the newest `keep` checkpoints are preserved (`LatestN`); older ones are deleted.
+      keep_steps: steps whose checkpoints are also kept for good (`CustomSteps`), e.g. the
+        points of a learning curve to evaluate later (`kinetix.evaluate --step`); `save`
+        writes at these steps even off the interval.
       async_save: write array data in a background thread (`save` returns once the arrays are
         copied to host memory).
       with_data: also checkpoint a grain iterator (item ``data``).
@@ -96,6 +99,7 @@ class Checkpointer:
         *,
         save_interval_steps: int,
         keep: int = 3,
+        keep_steps=(),
         async_save: bool = True,
         with_data: bool = True,
     ):
@@ -105,11 +109,20 @@ class Checkpointer:
             )
         if int(keep) != keep or keep < 1:
             raise ValueError(f"keep must be a positive integer, got {keep}.")
+        steps = tuple(keep_steps or ())
+        if any(int(k) != k or k < 1 for k in steps):
+            raise ValueError(f"keep_steps must be positive integers, got {steps}.")
+        self.keep_steps = frozenset(int(k) for k in steps)
+        policy = ocp.checkpoint_managers.LatestN(int(keep))
+        if self.keep_steps:
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [policy, ocp.checkpoint_managers.CustomSteps(sorted(self.keep_steps))]
+            )
         self.directory = pathlib.Path(directory).absolute()
         self.with_data = bool(with_data)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=int(save_interval_steps),
-            preservation_policy=ocp.checkpoint_managers.LatestN(int(keep)),
+            preservation_policy=policy,
             enable_async_checkpointing=bool(async_save),
             create=True,
         )
@@ -133,8 +146,8 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """Whether `save(step, ...)` would write (interval reached or preemption)."""
-        return self._manager.should_save(step)
+        """Whether `save(step, ...)` would write (interval, a kept step, or preemption)."""
+        return step in self.keep_steps or self._manager.should_save(step)
 
     def reached_preemption(self, step: int) -> bool:
         """True when the job was told to stop (e.g. a preemption notice); save, wait, exit."""
@@ -150,7 +163,8 @@ class Checkpointer:
           data_iterator: the grain `DatasetIterator` feeding training; required when the
             checkpointer was made `with_data=True`.
           force: save even if `step` is not a multiple of `save_interval_steps` (use it for the
-            final step). An existing checkpoint at `step` is never overwritten.
+            final step); implied at `keep_steps`. An existing checkpoint at `step` is never
+            overwritten.
 
         Returns:
           True if a checkpoint was started (it finishes in the background when async).
@@ -166,6 +180,7 @@ class Checkpointer:
         if not self.with_data and data_iterator is not None:
             raise ValueError("save got a data_iterator but the Checkpointer has with_data=False.")
         self._manager.check_for_errors()
+        force = force or int(step) in self.keep_steps
         if force and step in self._manager.all_steps():
             return False
         items = {"state": ocp.args.StandardSave(state)}
@@ -176,7 +191,22 @@ class Checkpointer:
     def restore_latest(self, abstract_state, data_iterator=None):
         """Restores the newest checkpoint into `abstract_state`'s shapes, dtypes and shardings.
 
+        `restore` at the latest step; see it for the arguments and errors.
+
+        Returns:
+          (step, state), or None when the directory holds no checkpoint.
+        """
+        self.wait()
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        return step, self.restore(step, abstract_state, data_iterator)
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restores the checkpoint of `step` into `abstract_state`'s shapes, dtypes, shardings.
+
         Args:
+          step: a step on disk (`all_steps`).
           abstract_state: the target pytree, typically `jax.eval_shape(init_fn)` with shardings
             attached (`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`); concrete arrays are
             accepted and used for their shape, dtype and sharding only. Leaves without a
@@ -185,16 +215,21 @@ class Checkpointer:
             position is set in place to the saved one.
 
         Returns:
-          (step, state), or None when the directory holds no checkpoint.
+          the restored state.
 
         Raises:
-          ValueError: if the checkpoint does not match the target (another model or config),
-            or has no iterator state when `data_iterator` is given.
+          ValueError: if there is no checkpoint at `step` (the sentence lists those there are),
+            if it does not match the target (another model or config), or if it has no iterator
+            state when `data_iterator` is given.
         """
         self.wait()
-        step = self._manager.latest_step()
-        if step is None:
-            return None
+        steps = self.all_steps()
+        if int(step) not in steps:
+            raise ValueError(
+                f"{self.directory} has no checkpoint at step {step}; it has "
+                f"{', '.join(map(str, steps)) if steps else 'none'}."
+            )
+        step = int(step)
         target = jax.tree.map(_abstract_leaf, abstract_state)
         saved = self._manager.item_metadata(step)
         if "state" in saved and saved["state"] is not None:
@@ -214,7 +249,7 @@ class Checkpointer:
                 )
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return step, restored["state"]
+        return restored["state"]
 
     # -- lifecycle -------------------------------------------------------------------------------
     def wait(self) -> None:

@@ -149,6 +149,7 @@ def evaluate_run(
     ablation_fn=None,
     out_dir=None,
     truth_root=None,
+    steps=None,
 ) -> dict:
     """Evaluates a trained model on held-out subjects and writes metrics, figures and a report.
 
@@ -164,6 +165,9 @@ def evaluate_run(
       ablation_fn: same for the direct "without model" network, or None.
       out_dir: output directory (default workdir/eval); existing files are replaced.
       truth_root: BIDS root with derivatives/truth (default: found from the cohort).
+      steps: the training steps of the checkpoints evaluated, recorded in metrics.json
+        ("run" → "checkpoint_step" and, with an ablation, "ablation_checkpoint_step") and the
+        report: an int, or (step, ablation step); None leaves them unrecorded (null).
 
     Returns:
       {"metrics": everything written to metrics.json (NumPy-free), "table": fixed-width text
@@ -173,6 +177,9 @@ def evaluate_run(
     t_start = time.perf_counter()
     workdir = pathlib.Path(workdir)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / "eval"
+    step, ablation_step = steps if isinstance(steps, tuple | list) else (steps, None)
+    step = None if step is None else int(step)
+    ablation_step = None if ablation_fn is None or ablation_step is None else int(ablation_step)
     subjects = list(subjects)
     if not subjects:
         raise ValueError("subjects is empty: there are no held-out subjects to evaluate.")
@@ -416,6 +423,8 @@ def evaluate_run(
             "frames": frames_used,
             "truth": truth_note,
             "direct_ablation": has_direct,
+            "checkpoint_step": step,
+            "ablation_checkpoint_step": ablation_step,
             "seconds": None,
         },
         "conventions": conventions(windows, mask_threshold, ba_note),
@@ -463,15 +472,27 @@ def evaluate_run(
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def run_cli(workdir, data=None, ablation_workdir=None, out=None, overwrite=False) -> dict:
+def _latest_step(workdir) -> int | None:
+    """The newest checkpoint's step in workdir (None if none)."""
+    from kinetix import training
+
+    steps = training.checkpoint_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def run_cli(
+    workdir, data=None, ablation_workdir=None, out=None, overwrite=False, step=None
+) -> dict:
     """What `python -m kinetix.evaluate` does, callable (raises ValueError / OSError).
 
     Args:
       workdir: a trained run directory (config.json + checkpoints).
       data: a BIDS root to evaluate on (all its subjects); default: the run's test split.
       ablation_workdir: a trained direct ("without model") run evaluated beside it.
-      out: output directory (default workdir/eval).
+      out: output directory (default workdir/eval, or workdir/eval-step<step> with `step`).
       overwrite: replace an existing metrics.json in `out`.
+      step: evaluate the checkpoints of this training step (the run's and the ablation's, which
+        must both be on disk: `train.keep_checkpoint_steps`); default: each run's latest.
 
     Returns:
       `evaluate_run`'s result.
@@ -495,19 +516,27 @@ def run_cli(workdir, data=None, ablation_workdir=None, out=None, overwrite=False
             )
     if data is not None and not pathlib.Path(data).is_dir():
         raise ValueError(f"--data {data} does not exist.")
-    out_dir = pathlib.Path(out) if out else workdir / "eval"
+    if step is not None and (int(step) != step or step < 1):
+        raise ValueError(f"--step must be a positive integer, got {step}.")
+    default_out = workdir / ("eval" if step is None else f"eval-step{int(step)}")
+    out_dir = pathlib.Path(out) if out else default_out
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ValueError(
             f"{out_dir / 'metrics.json'} exists; pass --overwrite or choose another --out."
         )
-    config, predict_fn, cohort, splits = training.load_for_inference(workdir, data)
+    config, predict_fn, cohort, splits = training.load_for_inference(workdir, data, step)
+    steps = step if step is not None else _latest_step(workdir)
     subjects = list(cohort.subjects) if data else list(splits.get("test", []))
     if not subjects:
         raise ValueError(f"{workdir} has no test subjects (splits.json); pass --data BIDS.")
     ablation_fn = None
     if ablation_workdir is not None:
         abl_data = data or config.data.root or str(workdir / "data")
-        abl_config, ablation_fn, _, _ = training.load_for_inference(ablation_workdir, abl_data)
+        abl_config, ablation_fn, _, _ = training.load_for_inference(
+            ablation_workdir, abl_data, step
+        )
+        abl_step = step if step is not None else _latest_step(ablation_workdir)
+        steps = (steps, abl_step)
         if abl_config.model.kind != "direct":
             logging.warning(
                 "--ablation_workdir %s holds a %r model, not 'direct'.",
@@ -515,7 +544,14 @@ def run_cli(workdir, data=None, ablation_workdir=None, out=None, overwrite=False
                 abl_config.model.kind,
             )
     return evaluate_run(
-        config, workdir, cohort, subjects, predict_fn, ablation_fn=ablation_fn, out_dir=out_dir
+        config,
+        workdir,
+        cohort,
+        subjects,
+        predict_fn,
+        ablation_fn=ablation_fn,
+        out_dir=out_dir,
+        steps=steps,
     )
 
 
@@ -525,7 +561,15 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Trained run directory (config.json + checkpoints).")
     flags.DEFINE_string("data", None, "BIDS-PET root to evaluate (default: the run's test split).")
     flags.DEFINE_string("ablation_workdir", None, "Trained direct (no-model) run to compare.")
-    flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
+    flags.DEFINE_string(
+        "out", None, "Output directory (default: <workdir>/eval, or <workdir>/eval-step<N>)."
+    )
+    flags.DEFINE_integer(
+        "step",
+        None,
+        "Evaluate the checkpoints of this training step (run and ablation; keep them with "
+        "--config.train.keep_checkpoint_steps); default: the latest.",
+    )
     flags.DEFINE_bool("overwrite", False, "Replace an existing evaluation in the output directory.")
     return flags.FLAGS
 
@@ -541,7 +585,12 @@ def main(argv):
         sys.exit(2)
     try:
         result = run_cli(
-            flags_.workdir, flags_.data, flags_.ablation_workdir, flags_.out, flags_.overwrite
+            flags_.workdir,
+            flags_.data,
+            flags_.ablation_workdir,
+            flags_.out,
+            flags_.overwrite,
+            flags_.step,
         )
     except (ValueError, OSError) as err:
         print(f"kinetix.evaluate: error: {err}", file=sys.stderr)

@@ -28,6 +28,9 @@ def define_flags():
     flags.DEFINE_string("out", None, "Output directory.")
     flags.DEFINE_integer("batch_slices", 8, "Slices per forward pass.")
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+    flags.DEFINE_integer(
+        "step", None, "Use the checkpoint of this training step (default: latest)."
+    )
 
 
 def trained_schedule(workdir):
@@ -183,7 +186,7 @@ def main(argv):
         config = training.load_config(FLAGS.workdir)
         trained = trained_schedule(FLAGS.workdir)
         study = bids.read_subject(FLAGS.pet, FLAGS.blood)
-        graphdef, params = training.restore_params(config, FLAGS.workdir)
+        graphdef, params = training.restore_params(config, FLAGS.workdir, FLAGS.step)
         eval_step = training.make_eval_step(graphdef, config, trained)
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P

@@ -640,6 +640,13 @@ def _md_tissues(metrics: dict) -> str:
     return "\n".join(parts)
 
 
+def _checkpoint_line(run: dict) -> str:
+    """Which training steps were evaluated (older metrics.json files do not say)."""
+    step, ablation = run.get("checkpoint_step"), run.get("ablation_checkpoint_step")
+    text = "not recorded" if step is None else f"step {step}"
+    return text if ablation is None else f"{text} (direct ablation: step {ablation})"
+
+
 def markdown_report(metrics: dict) -> str:
     """`report.md`: run summary, comparison tables, per-subject table, Bland–Altman, figures,
     conventions."""
@@ -658,6 +665,7 @@ def markdown_report(metrics: dict) -> str:
         f"- Patlak fit: {run['patlak_method']}, t* = {run['t_star_min']:g} min",
         f"- ground truth: {run['truth']}",
         f"- direct (no-model) ablation: {'yes' if run['direct_ablation'] else 'not given'}",
+        f"- checkpoint: {_checkpoint_line(run)}",
         f"- evaluation time: {run['seconds']} s",
         "",
     ]

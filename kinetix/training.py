@@ -724,6 +724,7 @@ def train_and_evaluate(
         workdir / "checkpoints",
         save_interval_steps=config.train.checkpoint_every_steps,
         keep=config.train.keep_checkpoints,
+        keep_steps=config.train.get("keep_checkpoint_steps", ()),
     )
     num_steps = int(config.train.num_steps)
     history = []
@@ -848,7 +849,12 @@ def train_and_evaluate(
             params = jax.device_put(local_copy(state["params"]), NamedSharding(local_mesh, P()))
             predict_fn = make_predict_fn(eval_step, params, NamedSharding(local_mesh, P("data")))
             result["eval"] = evaluate.evaluate_run(
-                config, workdir, cohort, splits["test"], predict_fn
+                config,
+                workdir,
+                cohort,
+                splits["test"],
+                predict_fn,
+                steps=int(local_copy(state["step"])),
             )
         if jax.process_count() > 1:  # the others wait until the report is written
             from jax.experimental import multihost_utils
@@ -883,8 +889,26 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_params(config, workdir):
-    """(graphdef, params) of the latest checkpoint in workdir, restored into an abstract target."""
+def checkpoint_steps(workdir) -> list[int]:
+    """Steps of the checkpoints in ``workdir/checkpoints``, ascending (empty if none)."""
+    from kinetix import checkpoint
+
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    with checkpoint.Checkpointer(directory, save_interval_steps=1) as ckpt:
+        return ckpt.all_steps()
+
+
+def restore_params(config, workdir, step: int | None = None):
+    """(graphdef, params) of a checkpoint in workdir (the latest, or ``step``), restored into an
+    abstract target.
+
+    Raises:
+      FileNotFoundError: workdir holds no checkpoint.
+      ValueError: there is no checkpoint at ``step`` (the sentence lists those there are), or
+        the checkpoint does not match the config's model.
+    """
     from kinetix import checkpoint
 
     mesh = make_mesh()
@@ -900,7 +924,12 @@ def restore_params(config, workdir):
         with_data=True,
     )
     try:
-        restored = ckpt.restore_latest(abstract)
+        if step is None:
+            restored = ckpt.restore_latest(abstract)
+        elif not ckpt.all_steps():
+            restored = None
+        else:
+            restored = step, ckpt.restore(step, abstract)
     finally:
         ckpt.close()
     if restored is None:
@@ -908,8 +937,9 @@ def restore_params(config, workdir):
     return graphdef, restored[1]["params"]
 
 
-def load_for_inference(workdir, data_root=None):
-    """(config, predict_fn, cohort, splits) of a trained workdir; `data_root` overrides the data.
+def load_for_inference(workdir, data_root=None, step: int | None = None):
+    """(config, predict_fn, cohort, splits) of a trained workdir; `data_root` overrides the data,
+    `step` picks a checkpoint (default: the latest).
 
     Raises:
       FileNotFoundError: no config.json or no checkpoint in workdir.
@@ -927,7 +957,7 @@ def load_for_inference(workdir, data_root=None):
         splits = {"train": [], "val": [], "test": list(cohort.subjects)}
     else:
         splits = json.loads(splits_path.read_text())
-    graphdef, params = restore_params(config, workdir)
+    graphdef, params = restore_params(config, workdir, step)
     mesh = make_mesh()
     eval_step = make_eval_step(graphdef, config, cohort.schedule)
     return (

@@ -84,6 +84,30 @@ def test_interval_keep_and_forced_final_step(tmp_path):
         ckpt.close()
 
 
+def test_keep_steps_are_kept_saved_off_interval_and_restored_by_step(tmp_path):
+    """keep_steps: written even off the interval, never deleted by LatestN, restorable by step."""
+    it = _iterator()
+    ckpt = checkpoint.Checkpointer(
+        tmp_path, save_interval_steps=4, keep=1, keep_steps=(3, 8), async_save=False
+    )
+    try:
+        saved = [s for s in range(1, 14) if ckpt.save(s, _state(float(s)), it)]
+        assert saved == [1, 3, 4, 8, 12]  # 1: Orbax's first save; 3: kept, off the interval
+        assert ckpt.all_steps() == [3, 8, 12]  # LatestN(1) plus the kept steps
+        assert ckpt.should_save(3) and not ckpt.should_save(5)
+        target = _abstract(_state(0.0))
+        for step in (3, 8):
+            restored = ckpt.restore(step, target)
+            np.testing.assert_array_equal(restored["params"]["b"], np.full(3, float(step)))
+        assert ckpt.restore_latest(target)[0] == 12
+        with pytest.raises(ValueError, match=r"no checkpoint at step 4; it has 3, 8, 12\."):
+            ckpt.restore(4, target)
+    finally:
+        ckpt.close()
+    with pytest.raises(ValueError, match="keep_steps must be positive integers"):
+        checkpoint.Checkpointer(tmp_path, save_interval_steps=1, keep_steps=(0,))
+
+
 def test_state_only_and_errors(tmp_path):
     state = _state()
     with checkpoint.Checkpointer(tmp_path, save_interval_steps=1, with_data=False) as ckpt:

@@ -570,18 +570,21 @@ def test_run_cli_without_truth(cohort_root, tmp_path, monkeypatch):
     monkeypatch.setattr(
         training,
         "load_for_inference",
-        lambda w, d=None: (_config(1), oracle, cohort, {"test": ["sub-02"]}),
+        lambda w, d=None, step=None: (_config(1), oracle, cohort, {"test": ["sub-02"]}),
     )
     res = evaluate.run_cli(workdir)
     m = res["metrics"]
     assert m["run"]["subjects"] == ["sub-02"] and m["run"]["n_slices"] == NZ
     assert "ki_vs_truth" not in m["tables"] and m["bland_altman"]["n_rois"] == 0
     assert "no true Ki" in m["run"]["truth"]
+    assert m["run"]["checkpoint_step"] is None  # an empty checkpoints/ (load_for_inference faked)
     assert (workdir / "eval" / "figures" / "tac_patlak.png").is_file()
     assert "truth" not in res["table"].lower()
     with pytest.raises(ValueError, match="pass --overwrite"):
         evaluate.run_cli(workdir)
     evaluate.run_cli(workdir, overwrite=True)
+    with pytest.raises(ValueError, match="--step must be a positive integer, got 0"):
+        evaluate.run_cli(workdir, step=0)
 
 
 def test_loss_curve_needs_positive_losses(tmp_path):

@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import _cli
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 import kinetix.kinetics as kk
 from configs import smoke
-from kinetix import predict, training
+from kinetix import evaluate, predict, training
 from kinetix.data import bids
 
 
@@ -33,6 +34,8 @@ def trained(tmp_path_factory):
     config = smoke.get_config()
     config.data.root = str(base / "cohort")
     config.eval.run_after_training = False
+    config.train.keep_checkpoints = 1
+    config.train.keep_checkpoint_steps = (3,)  # off the interval (2): kept besides the last, 4
     training.train_and_evaluate(config, base / "run")
     return base
 
@@ -131,6 +134,9 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
     noblood = write_study(tmp_path / "nob", (16, 16, 2), 28, with_blood=False)
     fails(cmd[:6] + [str(noblood), "--out", str(tmp_path / "o3")], "blood")
     fails(cmd[:5] + ["--pet", str(pet), "--out", str(tmp_path / "out")], "exists")
+    fails(
+        cmd[:6] + [str(pet), "--out", str(tmp_path / "o5"), "--step", "2"], "at step 2; it has 3, 4"
+    )
     # A checkpoint that does not belong to the config.
     other = tmp_path / "other"
     other.mkdir()
@@ -144,6 +150,34 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
         "shape",
         clean=False,
     )
+
+
+def test_a_kept_step_is_restored_evaluated_and_recorded(trained):
+    """train.keep_checkpoint_steps keeps step 3; restore_params and evaluate take it by step."""
+    run = trained / "run"
+    assert training.checkpoint_steps(run) == [3, 4]
+    config = training.load_config(run)
+    at3 = training.restore_params(config, run, 3)[1]
+    at4 = training.restore_params(config, run)[1]
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(at3), jax.tree.leaves(at4), strict=True)
+    )
+    with pytest.raises(ValueError, match=r"no checkpoint at step 2; it has 3, 4\."):
+        training.restore_params(config, run, 2)
+    res3 = evaluate.run_cli(run, step=3)
+    res4 = evaluate.run_cli(run, out=str(trained / "eval-latest"))
+    assert res3["out_dir"] == str(run / "eval-step3")
+    assert res3["metrics"]["run"]["checkpoint_step"] == 3
+    assert res4["metrics"]["run"]["checkpoint_step"] == 4
+    assert "- checkpoint: step 3\n" in (run / "eval-step3" / "report.md").read_text()
+    ssim = [
+        r["metrics"]["tables"]["ki_vs_reference"]["methods"]["proposed"]["ssim"]["mean"]
+        for r in (res3, res4)
+    ]
+    assert ssim[0] != ssim[1]  # step 3's weights were used, not the latest
+    with pytest.raises(ValueError, match="no checkpoint at step 5"):
+        evaluate.run_cli(run, step=5)
 
 
 def test_entry_point_modules_import_together():
