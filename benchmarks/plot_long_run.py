@@ -3,12 +3,12 @@
     python benchmarks/plot_long_run.py [--results A.json [B.json ...]] [--out FIG.png]
 
 Reads the results JSONs written for benchmarks/README.md, section "9600 steps" (Ki SSIM of each
-evaluated checkpoint pair, and both runs' validation losses; one JSON per seed) and writes a
-PNG (default: beside the first JSON) with one row per JSON and three panels against the
-training step: the proposed Ki's SSIM against the 65-min reference (measured 9–35 + predicted
-35–65 min, the paper's route), the predicted-frames-only Ki's SSIM against the true Ki (the
-authors' route), and the validation loss. The learning-rate decay is marked. Plotting only;
-nothing is computed.
+evaluated checkpoint pair, and both runs' validation losses; one JSON per seed, naming its
+"seed" and its "runs") and writes a PNG (default: beside the first JSON) with one row per JSON
+and three panels against the training step: the proposed Ki's SSIM against the 65-min
+reference (measured 9–35 + predicted 35–65 min, the paper's route), the predicted-frames-only
+Ki's SSIM against the true Ki (the authors' route), and the validation loss. The learning-rate
+decay is marked. Plotting only; nothing is computed.
 """
 
 import argparse
@@ -22,10 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEFAULT = [
-    RESULTS / "demo_long9600_cpu_2026-11-27.json",  # seed 0 (no "seed" / "runs" keys)
+    RESULTS / "demo_long9600_cpu_2026-11-27.json",  # seed 0
     RESULTS / "demo_long9600_s1_cpu_2026-11-27.json",
 ]
-SEED0_RUNS = {"kinetic": "kinetic-9600-s0", "direct": "dirnone-9600-s0"}
 COLOURS = {"kinetic": "tab:blue", "direct": "tab:orange"}
 
 
@@ -37,7 +36,7 @@ def plot_seed(axes, data, decay: int) -> None:
     def series(table, method):
         return [row[table][method]["ssim"] for _, row in snaps]
 
-    seed = data.get("seed", 0)
+    seed = data["seed"]
     panels = [  # (axis, table, (kinetic, direct) methods, (level method, its label), title)
         (axes[0], "ki_vs_reference", ("proposed", "direct"), ("baseline", "30-min Patlak"),
          f"seed {seed}: Ki SSIM vs 65-min reference\n(measured 9–35 + predicted 35–65 min)"),
@@ -52,7 +51,7 @@ def plot_seed(axes, data, decay: int) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("SSIM")
     later = []  # losses after each run's first evaluation, which sets the upper limit
-    for name, run in data.get("runs", SEED0_RUNS).items():
+    for name, run in data["runs"].items():
         val = data["val_loss"][run]
         steps_v, loss_v = [x["step"] for x in val], [x["val_loss"] for x in val]
         axes[2].plot(steps_v, loss_v, ".-", color=COLOURS[name], label=name)

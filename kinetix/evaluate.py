@@ -149,7 +149,8 @@ def evaluate_run(
     ablation_fn=None,
     out_dir=None,
     truth_root=None,
-    steps=None,
+    step=None,
+    ablation_step=None,
 ) -> dict:
     """Evaluates a trained model on held-out subjects and writes metrics, figures and a report.
 
@@ -165,9 +166,9 @@ def evaluate_run(
       ablation_fn: same for the direct "without model" network, or None.
       out_dir: output directory (default workdir/eval); existing files are replaced.
       truth_root: BIDS root with derivatives/truth (default: found from the cohort).
-      steps: the training steps of the checkpoints evaluated, recorded in metrics.json
-        ("run" → "checkpoint_step" and, with an ablation, "ablation_checkpoint_step") and the
-        report: an int, or (step, ablation step); None leaves them unrecorded (null).
+      step, ablation_step: the training steps of the checkpoints evaluated (the ablation's
+        only with `ablation_fn`), recorded in metrics.json ("run" → "checkpoint_step",
+        "ablation_checkpoint_step") and the report; None leaves one unrecorded (null).
 
     Returns:
       {"metrics": everything written to metrics.json (NumPy-free), "table": fixed-width text
@@ -177,7 +178,6 @@ def evaluate_run(
     t_start = time.perf_counter()
     workdir = pathlib.Path(workdir)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / "eval"
-    step, ablation_step = steps if isinstance(steps, tuple | list) else (steps, None)
     step = None if step is None else int(step)
     ablation_step = None if ablation_fn is None or ablation_step is None else int(ablation_step)
     subjects = list(subjects)
@@ -524,19 +524,19 @@ def run_cli(
         raise ValueError(
             f"{out_dir / 'metrics.json'} exists; pass --overwrite or choose another --out."
         )
-    config, predict_fn, cohort, splits = training.load_for_inference(workdir, data, step)
-    steps = step if step is not None else _latest_step(workdir)
+    # The step is resolved before loading, so the one restored is the one recorded.
+    run_step = step if step is not None else _latest_step(workdir)
+    config, predict_fn, cohort, splits = training.load_for_inference(workdir, data, run_step)
     subjects = list(cohort.subjects) if data else list(splits.get("test", []))
     if not subjects:
         raise ValueError(f"{workdir} has no test subjects (splits.json); pass --data BIDS.")
-    ablation_fn = None
+    ablation_fn, abl_step = None, None
     if ablation_workdir is not None:
         abl_data = data or config.data.root or str(workdir / "data")
-        abl_config, ablation_fn, _, _ = training.load_for_inference(
-            ablation_workdir, abl_data, step
-        )
         abl_step = step if step is not None else _latest_step(ablation_workdir)
-        steps = (steps, abl_step)
+        abl_config, ablation_fn, _, _ = training.load_for_inference(
+            ablation_workdir, abl_data, abl_step
+        )
         if abl_config.model.kind != "direct":
             logging.warning(
                 "--ablation_workdir %s holds a %r model, not 'direct'.",
@@ -551,7 +551,8 @@ def run_cli(
         predict_fn,
         ablation_fn=ablation_fn,
         out_dir=out_dir,
-        steps=steps,
+        step=run_step,
+        ablation_step=abl_step,
     )
 
 

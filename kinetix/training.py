@@ -854,7 +854,7 @@ def train_and_evaluate(
                 cohort,
                 splits["test"],
                 predict_fn,
-                steps=int(local_copy(state["step"])),
+                step=int(local_copy(state["step"])),
             )
         if jax.process_count() > 1:  # the others wait until the report is written
             from jax.experimental import multihost_utils
@@ -924,17 +924,13 @@ def restore_params(config, workdir, step: int | None = None):
         with_data=True,
     )
     try:
-        if step is None:
-            restored = ckpt.restore_latest(abstract)
-        elif not ckpt.all_steps():
-            restored = None
-        else:
-            restored = step, ckpt.restore(step, abstract)
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first.")
+        restored = ckpt.restore(steps[-1] if step is None else step, abstract)
     finally:
         ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first.")
-    return graphdef, restored[1]["params"]
+    return graphdef, restored["params"]
 
 
 def load_for_inference(workdir, data_root=None, step: int | None = None):
