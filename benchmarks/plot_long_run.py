@@ -24,6 +24,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 DEFAULT = [
     RESULTS / "demo_long9600_cpu_2026-11-27.json",  # seed 0
     RESULTS / "demo_long9600_s1_cpu_2026-11-27.json",
+    RESULTS / "demo_long9600_s2_cpu_2026-11-27.json",
 ]
 COLOURS = {"kinetic": "tab:blue", "direct": "tab:orange"}
 
