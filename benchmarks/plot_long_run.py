@@ -3,12 +3,13 @@
     python benchmarks/plot_long_run.py [--results A.json [B.json ...]] [--out FIG.png]
 
 Reads the results JSONs written for benchmarks/README.md, section "9600 steps" (Ki SSIM of each
-evaluated checkpoint pair, and both runs' validation losses; one JSON per seed, naming its
-"seed" and its "runs") and writes a PNG (default: beside the first JSON) with one row per JSON
-and three panels against the training step: the proposed Ki's SSIM against the 65-min
-reference (measured 9–35 + predicted 35–65 min, the paper's route), the predicted-frames-only
-Ki's SSIM against the true Ki (the authors' route), and the validation loss. The learning-rate
-decay is marked. Plotting only; nothing is computed.
+evaluated checkpoint pair, and both runs' validation losses; one JSON per pair of runs, naming
+its "seed", its "runs" and optionally a "label" for its row, by default "seed S") and writes a
+PNG (default: beside the first JSON) with one row per JSON and three panels against the training
+step: the proposed Ki's SSIM against the 65-min reference (measured 9–35 + predicted 35–65 min,
+the paper's route), the predicted-frames-only Ki's SSIM against the true Ki (the authors'
+route), and the validation loss. The learning-rate decay is marked. Plotting only; nothing is
+computed.
 """
 
 import argparse
@@ -25,6 +26,7 @@ DEFAULT = [
     RESULTS / "demo_long9600_cpu_2026-11-27.json",  # seed 0
     RESULTS / "demo_long9600_s1_cpu_2026-11-27.json",
     RESULTS / "demo_long9600_s2_cpu_2026-11-27.json",
+    RESULTS / "demo_long9600_s2b_cpu_2026-11-28.json",  # seed 2 again, on another VM
 ]
 COLOURS = {"kinetic": "tab:blue", "direct": "tab:orange"}
 
@@ -37,12 +39,12 @@ def plot_seed(axes, data, decay: int) -> None:
     def series(table, method):
         return [row[table][method]["ssim"] for _, row in snaps]
 
-    seed = data["seed"]
+    who = data.get("label", f"seed {data['seed']}")
     panels = [  # (axis, table, (kinetic, direct) methods, (level method, its label), title)
         (axes[0], "ki_vs_reference", ("proposed", "direct"), ("baseline", "30-min Patlak"),
-         f"seed {seed}: Ki SSIM vs 65-min reference\n(measured 9–35 + predicted 35–65 min)"),
+         f"{who}: Ki SSIM vs 65-min reference\n(measured 9–35 + predicted 35–65 min)"),
         (axes[1], "ki_vs_truth", ("proposed_late", "direct_late"), ("reference", "65-min Patlak"),
-         f"seed {seed}: Ki SSIM vs true Ki\n(predicted 35–65 min only, the authors' route)"),
+         f"{who}: Ki SSIM vs true Ki\n(predicted 35–65 min only, the authors' route)"),
     ]  # fmt: skip
     for ax, table, (ours, theirs), (other, label), title in panels:
         for name, method in (("kinetic", ours), ("direct", theirs)):
@@ -58,7 +60,7 @@ def plot_seed(axes, data, decay: int) -> None:
         axes[2].plot(steps_v, loss_v, ".-", color=COLOURS[name], label=name)
         later += loss_v[1:]
     axes[2].set_title(
-        f"seed {seed}: validation loss (first point may be off the scale)", fontsize=10
+        f"{who}: validation loss\n(the first point may be off the scale)", fontsize=10
     )
     if later:
         axes[2].set_ylim(top=1.05 * max(later))
