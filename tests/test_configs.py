@@ -15,13 +15,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAMES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 
 
-def _keys(config, prefix=""):
-    out = set()
+def _flat(config, prefix=""):
+    """{"group.key": value} of a (nested) ConfigDict."""
+    out = {}
     for k, v in config.items():
         if hasattr(v, "items"):
-            out |= _keys(v, f"{prefix}{k}.")
+            out |= _flat(v, f"{prefix}{k}.")
         else:
-            out.add(f"{prefix}{k}")
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -38,25 +39,20 @@ def test_config_keys_and_checks(name, monkeypatch):
     for fn in ("device_count", "local_device_count", "process_count"):
         monkeypatch.setattr(training.jax, fn, lambda: 1)
     config = _load(name)
-    extra = _keys(config) - _keys(_load("default"))
+    extra = _flat(config).keys() - _flat(_load("default")).keys()
     assert not extra, f"configs/{name}.py sets keys that configs/default.py lacks: {extra}"
     size = config.data.sim_size
     training.validate_config(config, kk.PAPER_SCHEDULE, (size, size))
 
 
 def test_demo_long_is_the_demo_with_a_longer_schedule():
-    demo, long = _load("demo").to_dict(), _load("demo_long").to_dict()
-    changed = {
-        f"{g}.{k}"
-        for g in demo
-        if isinstance(demo[g], dict)
-        for k in demo[g]
-        if demo[g][k] != long[g][k]
-    } | {g for g in demo if not isinstance(demo[g], dict) and demo[g] != long[g]}
+    demo, long = _flat(_load("demo")), _flat(_load("demo_long"))
+    assert demo.keys() == long.keys()
+    changed = {k for k in demo if demo[k] != long[k]}
     assert changed == {
         "name",
         "train.num_steps",
         "optim.decay_every",
         "train.eval_every_steps",
     }
-    assert (long["train"]["num_steps"], long["optim"]["decay_every"]) == (9600, 6400)
+    assert (long["train.num_steps"], long["optim.decay_every"]) == (9600, 6400)
