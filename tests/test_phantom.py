@@ -16,7 +16,8 @@ from scipy import integrate, stats
 
 import kinetix.kinetics as kk
 from kinetix.data import phantom as ph
-from kinetix.data import recon
+from kinetix.data.phantom import recon, tissues
+from kinetix.data.phantom import subject as subject_module
 
 # Tiny cohort settings: 32×32 (15.6 mm pixels), 2 slices through the heart level.
 CFG = ph.SimulationConfig(size=32, slices=2, slice_range=(0.45, 0.6))
@@ -108,10 +109,10 @@ def test_iter_subjects_matches_simulate_subject():
 def test_frames_compile_once_per_config():
     cfg = dataclasses.replace(CFG, noise="none")
     ph.simulate_subject(0, cfg, 0)
-    before = ph._noisefree_frames._cache_size()
+    before = subject_module._noisefree_frames._cache_size()
     for i in range(1, 4):
         ph.simulate_subject(0, cfg, i)
-    assert ph._noisefree_frames._cache_size() == before
+    assert subject_module._noisefree_frames._cache_size() == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,8 +171,8 @@ def test_parameters_within_bounds(subject):
 
 def test_tumour_kinetics_are_drawn_by_class():
     rng = np.random.default_rng(0)
-    mal = np.array([ph._draw_nodule_params(rng, True) for _ in range(200)])
-    ben = np.array([ph._draw_nodule_params(rng, False) for _ in range(200)])
+    mal = np.array([tissues._draw_nodule_params(rng, True) for _ in range(200)])
+    ben = np.array([tissues._draw_nodule_params(rng, False) for _ in range(200)])
     ki = lambda q: q[:, 1] * q[:, 3] / (q[:, 2] + q[:, 3])
     assert 0.02 - 1e-9 <= ki(mal).min() and ki(mal).max() <= 0.08 + 1e-9
     assert ki(ben).max() <= 0.012 + 1e-9 and ki(ben).min() >= 0.003 - 1e-9

@@ -391,7 +391,7 @@ def test_default_cache_holds_a_small_cohort(tmp_path):
     """By default a cohort that fits in DEFAULT_CACHE_BYTES is decoded once per subject."""
     from kinetix import simulate
     from kinetix.data.phantom import SimulationConfig
-    from kinetix.data.pipeline_cohort import DEFAULT_CACHE_SIZE
+    from kinetix.data.pipeline import DEFAULT_CACHE_SIZE
 
     n = DEFAULT_CACHE_SIZE + 2
     simulate.simulate_cohort(

@@ -27,12 +27,11 @@ Conversions done by `read_subject` (and nowhere else in kinetix):
 Validation failures raise `BidsError` (a `ValueError`) with one sentence that names the file and
 the key or column at fault.
 
-The implementation is split into `kinetix.data.bids_study` (units, `BidsError`, `Study`, small
-parsers), `bids_read` (readers), `bids_write` (writers) and `bids_truth` (simulator ground truth);
-import every name from this module, which re-exports them.
+The implementation is split into `study` (units, `BidsError`, `Study`, small parsers), `read`
+(readers), `write` (writers) and `truth` (simulator ground truth); every name is re-exported here.
 """
 
-from kinetix.data.bids_read import (
+from kinetix.data.bids.read import (
     BLOOD_COVER_RTOL,
     MAX_BODY_WEIGHT_KG,
     MAX_FRAME_START_S,
@@ -41,10 +40,9 @@ from kinetix.data.bids_read import (
     read_participants,
     read_subject,
 )
-from kinetix.data.bids_read import _read_schedule as _read_schedule  # used by pipeline_cohort
-from kinetix.data.bids_study import DOSE_UNITS, HALF_LIFE_MIN, IMAGE_UNITS, BidsError, Study
-from kinetix.data.bids_truth import read_truth, truth_paths, write_truth
-from kinetix.data.bids_write import (
+from kinetix.data.bids.study import DOSE_UNITS, HALF_LIFE_MIN, IMAGE_UNITS, BidsError, Study
+from kinetix.data.bids.truth import read_truth, truth_paths, write_truth
+from kinetix.data.bids.write import (
     write_dataset_description,
     write_map,
     write_participants,

@@ -17,7 +17,8 @@ import numpy as np
 
 from kinetix.data import bids
 from kinetix.data.bids import Study
-from kinetix.data.pipeline_curves import (
+from kinetix.data.bids.read import read_schedule
+from kinetix.data.pipeline.curves import (
     DEFAULT_INPUT_POINTS,
     DEFAULT_MASK_THRESHOLD,
     MASK_PERCENTILE,
@@ -73,7 +74,7 @@ def _bids_entry(pet_path: pathlib.Path) -> _Entry:
         raise bids.BidsError(f"The PET sidecar {sidecar_path} is not valid JSON ({err}).") from err
     if not isinstance(sidecar, dict):
         raise bids.BidsError(f"The PET sidecar {sidecar_path} must hold a JSON object.")
-    schedule = bids._read_schedule(sidecar, sidecar_path, shape[3], pet_path)
+    schedule = read_schedule(sidecar, sidecar_path, shape[3], pet_path)
     return _Entry(shape=shape[:3], schedule=schedule, path=pet_path)
 
 

@@ -1,6 +1,6 @@
 """BIDS-PET writers: one subject's scan, `participants.tsv`, `dataset_description.json`, maps.
 
-Writes the layout that `kinetix.data.bids_read.read_subject` reads (see the `kinetix.data.bids`
+Writes the layout that `kinetix.data.bids.read.read_subject` reads (see the `kinetix.data.bids`
 module docstring), plus the NIfTI / JSON / TSV helpers that `bids_truth` reuses. Import these
 names from `kinetix.data.bids`.
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from kinetix.data.bids_study import Study, _is_number
+from kinetix.data.bids.study import Study, _is_number
 from kinetix.kinetics.frames import FrameSchedule
 
 

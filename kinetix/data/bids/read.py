@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import nibabel as nib
 import numpy as np
 
-from kinetix.data.bids_study import (
+from kinetix.data.bids.study import (
     DOSE_UNITS,
     IMAGE_UNITS,
     BidsError,
@@ -166,7 +166,7 @@ def _suv_factor(
     return weight_kg * 1000.0 / dose_ref_bq, image_scale, decay_constant
 
 
-def _read_schedule(
+def read_schedule(
     sidecar: Mapping, path: pathlib.Path, n_frames: int, pet_path: pathlib.Path
 ) -> FrameSchedule:
     start = _number_list(_require(sidecar, "FrameTimesStart", path), "FrameTimesStart", path)
@@ -335,7 +335,7 @@ def read_subject(pet_path, blood_path=None) -> Study:
         )
 
     # Sidecar keys, cheapest first.
-    schedule = _read_schedule(sidecar, sidecar_path, int(img.shape[3]), pet_path)
+    schedule = read_schedule(sidecar, sidecar_path, int(img.shape[3]), pet_path)
     suv_factor, image_scale, decay_constant = _suv_factor(sidecar, sidecar_path, pet_path, subject)
 
     if "DecayCorrectionFactor" in sidecar:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 import kinetix.kinetics as kk
-from kinetix.data.phantom_anatomy import (
+from kinetix.data.phantom.anatomy import (
     FIELD_LOG_SD,
     LABELS,
     Anatomy,
@@ -19,7 +19,7 @@ from kinetix.data.phantom_anatomy import (
     nodule_map,
     voxel_coords,
 )
-from kinetix.data.phantom_config import SimulationConfig
+from kinetix.data.phantom.config import SimulationConfig
 
 TISSUES = {
     # name: (fv, K1, k2, k3, k4). Source: the XCAT table of shared/reference/KINETICS.md, with

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from kinetix.data.bids_study import BidsError, _read_tsv
-from kinetix.data.bids_write import (
+from kinetix.data.bids.study import BidsError, _read_tsv
+from kinetix.data.bids.write import (
     _check_affine,
     _check_free,
     _kinetix_version,

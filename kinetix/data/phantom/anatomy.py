@@ -2,7 +2,7 @@
 
 Subject geometry (`draw_anatomy`: body, lungs, heart, aorta, spine, liver dome, lung nodules),
 the label and tissue-fraction maps of an axial slice (`thorax_labels`, `nodule_map`) and the
-smooth random fields that vary lung density and, in `kinetix.data.phantom_kinetics`, the kinetic
+smooth random fields that vary lung density and, in `kinetix.data.phantom.tissues`, the kinetic
 parameters within organs. Lengths in mm; arrays `[X, Y(, S)]` in RAS voxel order.
 """
 
@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from kinetix.data.phantom_config import SimulationConfig
+from kinetix.data.phantom.config import SimulationConfig
 
 LABELS = {
     "background": 0,
