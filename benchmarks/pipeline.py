@@ -54,11 +54,11 @@ KEYS = ("frames", "mask", "plasma_times", "plasma", "whole_blood", "subject", "s
 
 
 def simulate(out_dir, n_subjects, size, slices):
-    from kinetix import simulate as sim
+    from kinetix.data.phantom.cohort import simulate_cohort
     from kinetix.data.phantom.config import SimulationConfig
 
     cfg = SimulationConfig(size=size, slices=slices, noise="image")
-    sim.simulate_cohort(out_dir, n_subjects, 0, cfg, preview=False, progress=False)
+    simulate_cohort(out_dir, n_subjects, 0, cfg, preview=False, progress=False)
 
 
 def naive_example(pet_path, subject_index, z, schedule, input_points, mask_threshold):

@@ -6,7 +6,7 @@ Parts (all in one process, CPU, float32 JAX):
     - simulation only: `phantom.simulate_subject` for subjects 0..N−1; the first call includes
       JIT compilation (reported separately), so "cold" is what a fresh `python -m
       kinetix.simulate` spends simulating;
-    - with BIDS writing: `simulate.simulate_cohort` into a temporary directory (warm: already
+    - with BIDS writing: `simulate_cohort` into a temporary directory (warm: already
       compiled), without and with the preview PNGs.
 (b) Projection-domain noise (Poisson sinograms + OSEM): simulation only, cold.
 (c) Baseline, one subject (subject 0 of part a): the noise-free frames of every body voxel.
@@ -36,8 +36,8 @@ import jax
 import numpy as np
 
 import kinetix.kinetics as kk
-from kinetix import simulate
 from kinetix.data import phantom as ph
+from kinetix.data.phantom.cohort import simulate_cohort
 
 GRID_STEP_S = 1.0
 """Baseline time grid step (s), as in the authors' code."""
@@ -136,13 +136,9 @@ def main():
     rows.append(("    per subject, warm", warm, ""))
     with tempfile.TemporaryDirectory() as tmp:
         t_write, _ = _time(
-            lambda: simulate.simulate_cohort(
-                f"{tmp}/a", n, seed, cfg, progress=False, preview=False
-            )
+            lambda: simulate_cohort(f"{tmp}/a", n, seed, cfg, progress=False, preview=False)
         )
-        t_prev, _ = _time(
-            lambda: simulate.simulate_cohort(f"{tmp}/b", n, seed, cfg, progress=False)
-        )
+        t_prev, _ = _time(lambda: simulate_cohort(f"{tmp}/b", n, seed, cfg, progress=False))
     rows.append(("(a) + BIDS writing, no previews, warm", t_write, ""))
     rows.append(("(a) + BIDS writing + preview PNGs, warm", t_prev, ""))
     rows.append(("    cold estimate with previews (first-call + this)", t_prev + first - warm, ""))

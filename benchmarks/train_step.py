@@ -74,12 +74,12 @@ def main():
         config.data.sim_size = args.size
     root = args.cohort
     if root is None:
-        from kinetix import simulate
         from kinetix.data.phantom import SimulationConfig
+        from kinetix.data.phantom.cohort import simulate_cohort
 
         root = pathlib.Path(tempfile.mkdtemp()) / "cohort"
         n_sub = max(2, config.data.batch_size // config.data.sim_slices + 1)
-        simulate.simulate_cohort(
+        simulate_cohort(
             root,
             n_sub,
             0,

@@ -24,8 +24,9 @@ def get_config():
     config.data.sim_slices = 8
     config.data.sim_size = 64
     config.data.sim_noise = "projection"
-    # Counts that put the 30-min Patlak baseline near the paper's ≈22 dB PSNR (KINETICS.md:
-    # aim at that regime); 20e6 (the realistic count level) gives ≈29 dB.
+    # Counts that put the 30-min Patlak baseline near the paper's ≈22 dB PSNR
+    # (docs/conventions.md, "Simulator": aim at that regime); 20e6 (the realistic count
+    # level) gives ≈29 dB.
     config.data.sim_counts_per_slice = 4e6
     config.data.val_fraction = 1 / 12  # 2 validation subjects
     config.data.test_fraction = 1 / 6  # 4 test subjects

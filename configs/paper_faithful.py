@@ -1,6 +1,6 @@
-"""What the authors' public code does (shared/reference/AUTHORS_CODE.md), for like-for-like
-comparison: no residual skips, Hardsigmoid to [0, 1] for all five parameters, frames as point
-samples at frame start without decay, the Patlak-line loss with Huber δ = 20, RMSprop with
+"""What the authors' public code does (their training script; docs/conventions.md), for
+like-for-like comparison: no residual skips, Hardsigmoid to [0, 1] for all five parameters, frames
+as point samples at frame start without decay, the Patlak-line loss with Huber δ = 20, RMSprop with
 plateau reduction.
 
     python -m kinetix.train --config configs/paper_faithful.py --workdir runs/paper_faithful \

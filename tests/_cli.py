@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from kinetix import provenance
+from kinetix.training import provenance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 """Repository root: the subprocesses' cwd, so that `configs` imports and --config resolves."""

@@ -1,4 +1,4 @@
-"""Tests for kinetix.checkpoint (Orbax + grain state) and kinetix.provenance."""
+"""Tests for kinetix.training.checkpoint (Orbax + grain state) and kinetix.training.provenance."""
 
 import json
 import shlex
@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from kinetix import checkpoint, provenance
+from kinetix.training import checkpoint, provenance
 
 
 def _state(scale=1.0):

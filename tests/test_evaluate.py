@@ -1,4 +1,4 @@
-"""Tests of kinetix.evaluate and kinetix.report on a tiny in-memory cohort with ground truth.
+"""Tests of kinetix.evaluation, kinetix.figures and kinetix.evaluate on a tiny cohort with truth.
 
 Two 16×16×2 subjects with noise-free 2TCM frames (kk.pet_frames) and a truth directory written
 with kinetix.data.bids.write_truth. References: an independent NumPy Patlak (np.polyfit per voxel
@@ -23,8 +23,9 @@ import scipy.ndimage
 from skimage import metrics as skm
 
 import kinetix.kinetics as kk
-from kinetix import evaluate, report
+from kinetix import evaluation, figures, inference
 from kinetix.data import bids, pipeline
+from kinetix.evaluation import routes, tables
 
 SCHED = kk.PAPER_SCHEDULE
 SIZE, NZ = 16, 2
@@ -149,7 +150,7 @@ def oracle_run(cohort_root, tmp_path_factory):
             if step % 5 == 0:
                 rec["val_loss"] = 1.2 / step
             f.write(json.dumps(rec) + "\n")
-    result = evaluate.evaluate_run(
+    result = evaluation.evaluate_run(
         _config(),
         workdir,
         cohort,
@@ -210,7 +211,7 @@ def test_noisy_prediction_is_worse(cohort_root, tmp_path):
     cohort, root = cohort_root
     res = {}
     for sd in (0.002, 0.02):
-        res[sd] = evaluate.evaluate_run(
+        res[sd] = evaluation.evaluate_run(
             _config(max_figures=0),
             tmp_path / str(sd),
             cohort,
@@ -406,7 +407,7 @@ def test_per_tissue_parameter_table_of_the_oracle_run(oracle_run):
     assert "figures/tissue_params.png" in text
     assert mpimg.imread(workdir / "eval" / "figures" / "tissue_params.png").shape[0] > 100
     zero = {"k4": {"liver": {"mean": {"truth": 0.0, "proposed": 0.01}}}}
-    assert not report.plot_tissue_params(workdir / "none.png", zero)  # nothing to draw
+    assert not figures.plot_tissue_params(workdir / "none.png", zero)  # nothing to draw
     assert not (workdir / "none.png").exists()
 
 
@@ -418,7 +419,7 @@ def test_tissue_param_panels_leave_out_the_background_and_list_zero_means():
         "K1": {"background": e(0.0, 0.03), "liver": e(1.3, 0.4), "lung": e(0.02, 0.0)},
         "k4": {"background": e(0.0, 0.001), "liver": e(0.01, 0.02), "lung": e(0.0, 0.004)},
     }
-    panels = report.tissue_param_panels(per_param)
+    panels = figures.tissue_param_panels(per_param)
     assert panels["K1"] == ([("liver", 1.3, 0.4)], [("lung", 0.02, 0.0)])
     assert panels["k4"] == ([("liver", 0.01, 0.02)], [("lung", 0.0, 0.004)])
 
@@ -430,7 +431,7 @@ def test_parameter_maps_of_the_wrong_shape_are_a_clear_error(cohort_root, tmp_pa
         return {"frames": np.array(batch["frames"]), "params": np.zeros((1, 2, 3, 5))}
 
     with pytest.raises(ValueError, match="predict_fn returned params of shape .1, 2, 3, 5."):
-        evaluate.evaluate_run(_config(), tmp_path, cohort, cohort.subjects, bad, truth_root=root)
+        evaluation.evaluate_run(_config(), tmp_path, cohort, cohort.subjects, bad, truth_root=root)
 
 
 def test_tissue_sums_and_bias_by_hand():
@@ -439,8 +440,8 @@ def test_tissue_sums_and_bias_by_hand():
     truth = np.array([[5.0, 2.0, 100.0], [4.0, 6.0, 0.0]])
     pred = np.array([[1.0, 3.0, -100.0], [4.0, 4.0, 1.0]])
     sums: dict = {}
-    evaluate.add_label_sums(sums, labels, mask, {"truth": truth, "pred": pred})
-    evaluate.add_label_sums(
+    tables.add_label_sums(sums, labels, mask, {"truth": truth, "pred": pred})
+    tables.add_label_sums(
         sums, labels[:, :2], mask[:, :2], {"truth": truth[:, :2], "pred": pred[:, :2]}
     )
     assert sums == {
@@ -449,7 +450,7 @@ def test_tissue_sums_and_bias_by_hand():
         2: {"n": 4, "truth": 20.0, "pred": 16.0},
         7: {"n": 1, "truth": 0.0, "pred": 1.0},
     }
-    out = evaluate.tissue_bias(sums, {0: "air", 1: "a", 2: "b"})
+    out = tables.tissue_bias(sums, {0: "air", 1: "a", 2: "b"})
     assert list(out) == ["air", "a", "b", "7"]
     assert out["a"]["mean"] == {"truth": 2.0, "pred": 3.0}
     assert out["a"]["bias_pct"]["pred"] == pytest.approx(50.0)
@@ -457,20 +458,20 @@ def test_tissue_sums_and_bias_by_hand():
     assert out["air"]["bias_pct"]["pred"] == pytest.approx(-80.0)
     assert math.isnan(out["7"]["bias_pct"]["pred"])  # reference mean 0
     with pytest.raises(ValueError, match="non-negative"):
-        evaluate.add_label_sums({}, -labels, mask, {"truth": truth})
+        tables.add_label_sums({}, -labels, mask, {"truth": truth})
 
 
 def test_bland_altman_hand_numbers():
-    st = evaluate.bland_altman([1.0, 2.0, 3.0, 4.0], [1.5, 1.5, 3.5, 3.0])
+    st = tables.bland_altman([1.0, 2.0, 3.0, 4.0], [1.5, 1.5, 3.5, 3.0])
     # d = [-0.5, 0.5, -0.5, 1.0]: bias 0.125, SD = sqrt(1.6875 / 3) = 0.75.
     assert st["n"] == 4
     np.testing.assert_allclose(st["bias"], 0.125, rtol=1e-15)
     np.testing.assert_allclose(st["sd"], 0.75, rtol=1e-15)
     np.testing.assert_allclose([st["loa_low"], st["loa_high"]], [-1.345, 1.595], rtol=1e-14)
-    one = evaluate.bland_altman([2.0], [1.0])
+    one = tables.bland_altman([2.0], [1.0])
     assert one["bias"] == 1.0 and math.isnan(one["sd"])
     with pytest.raises(ValueError, match="same length"):
-        evaluate.bland_altman([1.0, 2.0], [1.0])
+        tables.bland_altman([1.0, 2.0], [1.0])
 
 
 def test_tumour_rois_and_components():
@@ -479,7 +480,7 @@ def test_tumour_rois_and_components():
     lab[4:6, 4:6] = 11  # 2×2 block: centroid (4.5, 4.5) rounds up to (5, 5)
     lab[2, 6] = 10
     lab[3, 7] = 10  # diagonal neighbour: one 8-connected region
-    rois = evaluate.tumour_rois(lab, [10, 11])
+    rois = tables.tumour_rois(lab, [10, 11])
     assert [(r["label"], r["n_tumour"], r["centre"]) for r in rois] == [
         (10, 2, (3, 7)),
         (11, 1, (0, 0)),
@@ -493,26 +494,26 @@ def test_tumour_rois_and_components():
     rng = np.random.default_rng(3)
     for _ in range(5):
         region = rng.random((12, 15)) < 0.35
-        ours, n = evaluate.connected_components(region)
+        ours, n = tables.connected_components(region)
         ref, n_ref = scipy.ndimage.label(region, structure=np.ones((3, 3)))
         assert n == n_ref
         np.testing.assert_array_equal(ours, ref)
 
 
 def test_summarize_skips_nan_and_keeps_inf():
-    s = evaluate.summarize([1.0, np.nan, 3.0])
+    s = tables.summarize([1.0, np.nan, 3.0])
     assert (s["n"], s["n_nan"], s["n_inf"]) == (2, 1, 0)
     np.testing.assert_allclose([s["mean"], s["std"], s["median"]], [2.0, 1.0, 2.0], rtol=1e-15)
-    s = evaluate.summarize([np.inf, 2.0])
+    s = tables.summarize([np.inf, 2.0])
     assert s["mean"] == math.inf and s["n_inf"] == 1 and s["std"] == 0.0
-    s = evaluate.summarize([np.nan])
+    s = tables.summarize([np.nan])
     assert s["n"] == 0 and math.isnan(s["mean"])
 
 
 def test_table_lists_all_methods_in_fixed_width(oracle_run):
     result, _ = oracle_run
     table = result["table"]
-    labels = evaluate.METHOD_LABELS
+    labels = routes.method_labels()
     keys = ("baseline", "proposed", "proposed_late", "direct", "direct_late", "truth", "reference")
     for key in keys:
         assert labels[key] in table
@@ -538,7 +539,7 @@ def test_prediction_shape_is_checked(cohort_root, tmp_path):
         return {"frames": np.array(batch["frames"])[..., :22]}
 
     with pytest.raises(ValueError, match=r"predict_fn returned frames of shape"):
-        evaluate.evaluate_run(_config(0), tmp_path, cohort, cohort.subjects, short)
+        evaluation.evaluate_run(_config(0), tmp_path, cohort, cohort.subjects, short)
 
 
 def test_cli_missing_workdir_is_one_sentence(tmp_path):
@@ -555,24 +556,35 @@ def test_cli_missing_workdir_is_one_sentence(tmp_path):
     )
 
 
-def test_run_cli_without_truth(cohort_root, tmp_path, monkeypatch):
-    cohort, _ = cohort_root
-    from kinetix import training
+def test_cli_in_process_reports_errors_as_one_sentence(tmp_path, capsys):
+    from kinetix import evaluate
 
+    assert evaluate.cli(["kinetix.evaluate"]) == 2
+    assert capsys.readouterr().err == "kinetix.evaluate: error: --workdir is required.\n"
+    assert evaluate.cli(["kinetix.evaluate", f"--workdir={tmp_path}", "--step=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"kinetix.evaluate: error: --workdir {tmp_path} has no config.json: it is not a "
+        "kinetix training workdir.\n"
+    )
+
+
+def test_evaluate_workdir_without_truth(cohort_root, tmp_path, monkeypatch):
+    cohort, _ = cohort_root
     workdir = tmp_path / "w"
     workdir.mkdir()
     with pytest.raises(ValueError, match="has no config.json"):
-        evaluate.run_cli(workdir)
+        evaluation.evaluate_workdir(workdir)
     (workdir / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="has no checkpoints"):
-        evaluate.run_cli(workdir)
+        evaluation.evaluate_workdir(workdir)
     (workdir / "checkpoints").mkdir()
     monkeypatch.setattr(
-        training,
+        inference,
         "load_for_inference",
         lambda w, d=None, step=None: (_config(1), oracle, cohort, {"test": ["sub-02"]}),
     )
-    res = evaluate.run_cli(workdir)
+    res = evaluation.evaluate_workdir(workdir)
     m = res["metrics"]
     assert m["run"]["subjects"] == ["sub-02"] and m["run"]["n_slices"] == NZ
     assert "ki_vs_truth" not in m["tables"] and m["bland_altman"]["n_rois"] == 0
@@ -581,18 +593,76 @@ def test_run_cli_without_truth(cohort_root, tmp_path, monkeypatch):
     assert (workdir / "eval" / "figures" / "tac_patlak.png").is_file()
     assert "truth" not in res["table"].lower()
     with pytest.raises(ValueError, match="pass --overwrite"):
-        evaluate.run_cli(workdir)
-    evaluate.run_cli(workdir, overwrite=True)
+        evaluation.evaluate_workdir(workdir)
+    evaluation.evaluate_workdir(workdir, overwrite=True)
     with pytest.raises(ValueError, match="--step must be a positive integer, got 0"):
-        evaluate.run_cli(workdir, step=0)
+        evaluation.evaluate_workdir(workdir, step=0)
 
 
 def test_loss_curve_needs_positive_losses(tmp_path):
-    assert not report.plot_loss_curve(tmp_path / "a.png", tmp_path / "missing.jsonl")
+    assert not figures.plot_loss_curve(tmp_path / "a.png", tmp_path / "missing.jsonl")
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.0}\nnot json\n{"step": 2, "loss": -1}\n')
-    assert not report.plot_loss_curve(tmp_path / "a.png", path)
+    assert not figures.plot_loss_curve(tmp_path / "a.png", path)
     assert not (tmp_path / "a.png").exists()
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0, "val_loss": 1.5}\n')
-    assert report.plot_loss_curve(tmp_path / "a.png", path)
+    assert figures.plot_loss_curve(tmp_path / "a.png", path)
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_registered_route_is_evaluated_with_no_other_edit(cohort_root, tmp_path):
+    """Adding a Ki route is one registry entry: a copy of the baseline (measured frames, the
+    baseline window) appears in both Ki tables, the per-slice CSV, the labels, the conventions,
+    the ROI statistics and the report, with the baseline's numbers."""
+    cohort, root = cohort_root
+    route = routes.Route("baseline_copy", "copy of the baseline", routes.MEASURED, "baseline")
+    routes.register(route)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            routes.register(route)
+        res = evaluation.evaluate_run(
+            _config(max_figures=0), tmp_path, cohort, cohort.subjects, oracle, truth_root=root
+        )
+    finally:
+        routes.unregister("baseline_copy")
+    assert "baseline_copy" not in routes.ROUTES
+    m = res["metrics"]
+    rows = ["reference", "baseline", "proposed", "proposed_late", "truth", "baseline_copy"]
+    for table, ref in (("ki_vs_reference", "reference"), ("ki_vs_truth", "truth")):
+        methods = _methods(res, table)
+        assert list(methods) == [r for r in rows if r != ref]  # registry order (appended)
+        assert methods["baseline_copy"] == methods["baseline"]
+    assert "baseline_copy" not in _methods(res, "suv_last_frame")  # a route, not a prediction
+    assert m["labels"]["baseline_copy"] == "copy of the baseline"
+    assert m["conventions"]["baseline_copy"] == (
+        "copy of the baseline: Patlak on the measured frames (frames 16-22, baseline window)."
+    )
+    rois = m["bland_altman"]["rois"]
+    assert rois and all(r["ki"]["baseline_copy"] == r["ki"]["baseline"] for r in rois)
+    assert m["tissues"]["ki"]["liver"]["mean"]["baseline_copy"] == pytest.approx(
+        m["tissues"]["ki"]["liver"]["mean"]["baseline"], rel=0, abs=0
+    )
+    assert "copy of the baseline" in res["table"]
+    assert "copy of the baseline" in (tmp_path / "eval" / "report.md").read_text()
+    csv_text = (tmp_path / "eval" / "per_slice.csv").read_text()
+    assert csv_text.count("ki_vs_reference,baseline_copy,") == 2 * NZ
+
+
+def test_routes_are_checked_and_their_availability_follows_the_inputs():
+    with pytest.raises(ValueError, match="needs a prediction"):
+        routes.Route("x", "x", routes.SPLICED, "proposed")
+    with pytest.raises(ValueError, match="needs no prediction"):
+        routes.Route("x", "x", routes.MEASURED, "baseline", prediction="proposed")
+    with pytest.raises(ValueError, match="frames must be one of"):
+        routes.Route("x", "x", "both", "baseline")
+    with pytest.raises(ValueError, match="needs a window"):
+        routes.Route("x", "x", routes.MEASURED)
+    names = [r.name for r in routes.available_routes(["proposed"], has_truth=False)]
+    assert names == ["reference", "baseline", "proposed", "proposed_late"]
+    names = [r.name for r in routes.available_routes(["proposed", "direct"], has_truth=True)]
+    assert names == [*routes.ROUTES]
+    assert [routes.ROUTES[n].needs for n in ("reference", "direct_late", "truth")] == [
+        None,
+        "ablation",
+        "truth",
+    ]

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import kinetix.kinetics as kk
 from configs import smoke
-from kinetix import training
+from kinetix import experiment, training
 from kinetix.data import pipeline
 
 pytestmark = pytest.mark.gpu
@@ -93,12 +93,12 @@ def test_patlak_on_gpu_matches_cpu():
 
 @pytest.fixture(scope="module")
 def cohort_root(tmp_path_factory):
-    from kinetix import simulate
     from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.phantom.cohort import simulate_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     config = SimulationConfig(size=16, slices=2, noise="image")
-    simulate.simulate_cohort(root, 4, 0, config, overwrite=True, progress=False)
+    simulate_cohort(root, 4, 0, config, overwrite=True, progress=False)
     return root
 
 
@@ -152,7 +152,7 @@ def test_train_step_donates_its_state_on_gpu(cohort_root):
 
 def test_smoke_training_runs_on_gpu(cohort_root, tmp_path):
     config = smoke_config(cohort_root, num_steps=10, log_every_steps=5, checkpoint_every_steps=5)
-    training.train_and_evaluate(config, tmp_path)
+    experiment.train_and_evaluate(config, tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [5, 10]
     assert all(np.isfinite(m["loss"]) for m in metrics)

@@ -1,4 +1,4 @@
-"""Loss values on hand-made cases (kinetix.losses)."""
+"""Loss values on hand-made cases (kinetix.training.losses)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import kinetix.kinetics as kk
-from kinetix import losses
+from kinetix import maps
+from kinetix.training import losses
 
 SCHED = kk.PAPER_SCHEDULE
 
@@ -36,7 +37,7 @@ def _linear_patlak_batch(ki, v0):
     x4, cp4 = x.reshape(1, 1, 1, -1), cp.reshape(1, 1, 1, -1)
     frames = (ki[..., None] * x4 + v0[..., None]) * cp4  # [B,H,W,T]
     batch_inp = jax.tree.map(lambda a: jnp.stack([a, a]), inp)
-    xb, cpb = losses.patlak_coordinates(batch_inp, SCHED)
+    xb, cpb = maps.patlak_coordinates(batch_inp, SCHED)
     return frames, xb, cpb
 
 
@@ -241,9 +242,9 @@ def test_saturation_guard_config_checks():
 def test_splice_keeps_measured_early_and_predicted_late_frames():
     measured = np.arange(12.0).reshape(2, 6)
     predicted = -np.arange(12.0).reshape(2, 6)
-    out = losses.splice(measured, predicted, 4)
+    out = maps.splice(measured, predicted, 4)
     assert isinstance(out, np.ndarray)
     np.testing.assert_array_equal(out, [[0, 1, 2, 3, -4, -5], [6, 7, 8, 9, -10, -11]])
-    jitted = jax.jit(losses.splice, static_argnums=2)(jnp.asarray(measured), predicted, 4)
+    jitted = jax.jit(maps.splice, static_argnums=2)(jnp.asarray(measured), predicted, 4)
     assert isinstance(jitted, jax.Array)
     np.testing.assert_array_equal(jitted, out)

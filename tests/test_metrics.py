@@ -1,4 +1,4 @@
-"""Tests for kinetix.metrics against scikit-image, closed forms and a NumPy MS-SSIM.
+"""Tests for kinetix.evaluation.metrics against scikit-image, closed forms and a NumPy MS-SSIM.
 
 Tolerances (absolute): float32 SSIM / NRMSE / NMI / MS-SSIM 1e-5, PSNR 1e-4 dB, against
 scikit-image run in float64 on the same (float32-rounded) data (NMI: against scikit-image on the
@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 from scipy.ndimage import gaussian_filter, uniform_filter
 from skimage import metrics as skm
 
-from kinetix import metrics as km
+from kinetix.evaluation import metrics as km
 
 F32_ATOL = 1e-5
 F32_PSNR_ATOL = 1e-4  # dB

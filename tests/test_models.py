@@ -1,6 +1,8 @@
 """Tests for kinetix.models: shapes, feature order, validation, bounds, NNX functional use."""
 
+import dataclasses
 import functools
+import importlib
 import types
 
 import jax
@@ -16,6 +18,7 @@ from kinetix.models import (
     DEFAULT_LOWER,
     DEFAULT_UPPER,
     LOG_LOWER,
+    Backbone,
     DirectNet,
     DoubleConv,
     FrameFeatureExtractor,
@@ -31,6 +34,7 @@ B, H, W = 2, 16, 16
 N_EARLY, F = 3, 4
 WIDTHS = (16, 32)
 HIDDEN = (32, 16)
+SMALL = Backbone(n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN)
 
 
 # Tests that compile kinetix.kinetics run faster with XLA's optimisations on; the rest are
@@ -58,9 +62,7 @@ def _frames(seed=0, t=N_EARLY):
 
 @functools.cache
 def _default_kinetic_net():
-    return KineticNet(
-        n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN, rngs=nnx.Rngs(0)
-    )
+    return KineticNet(SMALL, rngs=nnx.Rngs(0))
 
 
 def _kinetic_net():
@@ -275,13 +277,7 @@ def test_log_scaled_sigmoid_init_params_and_validation():
         )
     with pytest.raises(ValueError, match="needs activation 'scaled_sigmoid'"):
         KineticNet(
-            n_early=N_EARLY,
-            features_per_frame=F,
-            widths=WIDTHS,
-            head_hidden=HIDDEN,
-            activation="log_scaled_sigmoid",
-            parameterization="macro",
-            rngs=nnx.Rngs(0),
+            SMALL, activation="log_scaled_sigmoid", parameterization="macro", rngs=nnx.Rngs(0)
         )
 
 
@@ -325,6 +321,122 @@ def test_head_validation():
         KineticHead(12, HIDDEN, n_params=4, rngs=nnx.Rngs(0))
 
 
+# --- backbone config ---------------------------------------------------------------------------
+
+
+def test_backbone_defaults_are_the_papers_and_values_are_normalised():
+    paper = Backbone()
+    assert (paper.n_early, paper.features_per_frame, paper.n_curve) == (22, 10, 0)
+    assert paper.widths == (64, 128, 256, 512, 1024) and paper.head_hidden == (256, 128, 128, 64)
+    assert paper.residual is True and paper.dtype is None and paper.head_inputs == 220
+    b = Backbone(widths=[16, 32], head_hidden=[], n_early=np.int64(3), dtype="bfloat16")
+    assert b.widths == (16, 32) and b.head_hidden == () and type(b.n_early) is int
+    assert b.dtype == jnp.bfloat16 and b == Backbone(
+        widths=(16, 32), head_hidden=(), n_early=3, dtype=jnp.bfloat16
+    )
+    assert hash(b) == hash(Backbone(widths=(16, 32), head_hidden=(), n_early=3, dtype="bfloat16"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.n_early = 4
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_early", 0, "n_early must be a positive integer"),
+        ("n_early", 2.0, "n_early must be a positive integer"),
+        ("features_per_frame", True, "features_per_frame must be a positive integer"),
+        ("widths", (16,), "widths needs at least 2 entries"),
+        ("widths", (16, 24), "widths entry .*multiple of 16"),
+        ("widths", 64, "widths must be a sequence"),
+        ("residual", "yes", "residual must be True or False"),
+        ("head_hidden", (32, 8), "head_hidden entry .*multiple of 16"),
+        ("n_curve", -1, "n_curve must be an integer >= 0"),
+        ("dtype", "int32", "dtype must be None or a floating dtype"),
+        ("dtype", "float17", "dtype must be None or a floating dtype"),
+    ],
+)
+def test_backbone_rejects_each_invalid_field_in_one_sentence(field, value, message):
+    with pytest.raises(ValueError, match=f"^Backbone {message}"):
+        Backbone(**{field: value})
+
+
+def test_backbone_from_config_reads_every_field_from_the_config():
+    """configs/smoke.py's model section gives its own backbone (curve_frames → n_curve); each
+    missing key is an error naming that key."""
+    cfg = importlib.import_module("configs.smoke").get_config().model
+    cfg.curve_frames = 28
+    b = Backbone.from_config(cfg)
+    assert b == Backbone(
+        n_early=22, features_per_frame=2, widths=(16, 32), residual=True, head_hidden=(16,),
+        n_curve=28, dtype="float32",
+    )  # fmt: skip
+    assert Backbone.from_config(_default_model()) == dataclasses.replace(
+        models.PAPER_BACKBONE, dtype="float32"
+    )
+    keys = ("n_early", "features_per_frame", "widths", "residual", "head_hidden", "curve_frames")
+    for key in (*keys, "dtype"):
+        fields = cfg.to_dict()
+        del fields[key]
+        with pytest.raises(ValueError, match=f"missing the required field '{key}'"):
+            Backbone.from_config(types.SimpleNamespace(**fields))
+    with pytest.raises(ValueError, match="Backbone widths entry"):
+        Backbone.from_config(_model_config(widths=(16, 20)))
+
+
+def _expected_param_shapes(n_out):
+    """NNX Param paths and shapes of a net on `SMALL` with n_curve = 5 (residual blocks), written
+    from the architecture: the names checkpoints are stored under."""
+    unet = {
+        "inc/conv1/kernel": (3, 3, 1, 16),
+        "inc/conv2/kernel": (3, 3, 16, 16),
+        "inc/skip/kernel": (1, 1, 1, 16),
+        "downs/0/conv/conv1/kernel": (3, 3, 16, 32),
+        "downs/0/conv/conv2/kernel": (3, 3, 32, 32),
+        "downs/0/conv/skip/kernel": (1, 1, 16, 32),
+        "ups/0/up/kernel": (2, 2, 32, 16),
+        "ups/0/up/bias": (16,),
+        "ups/0/conv/conv1/kernel": (3, 3, 32, 16),
+        "ups/0/conv/conv2/kernel": (3, 3, 16, 16),
+        "ups/0/conv/skip/kernel": (1, 1, 32, 16),
+        "outc/kernel": (1, 1, 16, F),
+        "outc/bias": (F,),
+    }
+    for block, width in (("inc", 16), ("downs/0/conv", 32), ("ups/0/conv", 16)):
+        for norm in ("norm1", "norm2"):
+            unet |= {f"{block}/{norm}/scale": (width,), f"{block}/{norm}/bias": (width,)}
+    head = {
+        "layers/0/kernel": (N_EARLY * F + 5, 32),
+        "layers/0/bias": (32,),
+        "norms/0/scale": (32,),
+        "norms/0/bias": (32,),
+        "layers/1/kernel": (32, 16),
+        "layers/1/bias": (16,),
+        "norms/1/scale": (16,),
+        "norms/1/bias": (16,),
+        "out/kernel": (16, n_out),
+        "out/bias": (n_out,),
+    }
+    return {f"features/unet/{k}": v for k, v in unet.items()} | {
+        f"head/{k}": v for k, v in head.items()
+    }
+
+
+@pytest.mark.parametrize("kind", ["kinetic", "direct"])
+def test_param_tree_paths_and_shapes_of_a_small_backbone(kind):
+    backbone = dataclasses.replace(SMALL, n_curve=5)
+    if kind == "kinetic":
+        net = nnx.eval_shape(lambda: KineticNet(backbone, rngs=nnx.Rngs(0)))
+    else:
+        net = nnx.eval_shape(lambda: DirectNet(backbone, n_late=6, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(net))
+    got = {"/".join(map(str, path)): tuple(v.shape) for path, v in flat}
+    assert all(isinstance(v, nnx.Param) for _, v in flat)  # no other state
+    assert got == _expected_param_shapes(5 if kind == "kinetic" else 6)
+    assert net.backbone is backbone and (net.n_early, net.n_curve) == (N_EARLY, 5)
+    with pytest.raises(ValueError, match="backbone must be a kinetix.models.Backbone"):
+        models.EarlyFramesNet(dict(n_early=N_EARLY), n_out=5, rngs=nnx.Rngs(0))
+
+
 # --- full networks ----------------------------------------------------------------------------------
 
 
@@ -342,10 +454,7 @@ def test_curve_inputs_join_every_voxels_features_before_the_head():
     """n_curve = C: the head sees [U-Net features, the example's C curve values] at every voxel
     (checked against the head applied to that concatenation by hand); a missing, misshapen or
     unexpected curve is a clear error."""
-    net = KineticNet(
-        n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN, n_curve=5,
-        rngs=nnx.Rngs(0),
-    )  # fmt: skip
+    net = KineticNet(dataclasses.replace(SMALL, n_curve=5), rngs=nnx.Rngs(0))
     x = _frames(3)
     curve = jnp.asarray(np.random.default_rng(1).uniform(0.1, 4.0, (B, 5)), jnp.float32)
     got = np.asarray(net(x, curve))
@@ -362,14 +471,13 @@ def test_curve_inputs_join_every_voxels_features_before_the_head():
     with pytest.raises(ValueError, match="built without curve inputs"):
         _kinetic_net()(x, curve)
     with pytest.raises(ValueError, match="n_curve must be an integer >= 0"):
-        DirectNet(n_early=N_EARLY, n_curve=-1, rngs=nnx.Rngs(0))
+        dataclasses.replace(SMALL, n_curve=-1)
 
 
 def test_uncoupled_parameterization_outputs_rates_with_k1v_inside_the_bounds():
     """parameterization='uncoupled': the head's bounded outputs are (fv, (1 − fv)·K1, k2, k3,
     k4) within the rate bounds; the net returns the rates and starts at the requested ones."""
-    kw = dict(n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN)
-    net = KineticNet(parameterization="uncoupled", rngs=nnx.Rngs(0), **kw)
+    net = KineticNet(SMALL, parameterization="uncoupled", rngs=nnx.Rngs(0))
     lo, hi = np.asarray(DEFAULT_LOWER), np.asarray(DEFAULT_UPPER)
     for scale in (1.0, 1e3, -1e3):
         x = _frames(4) * scale
@@ -380,13 +488,11 @@ def test_uncoupled_parameterization_outputs_rates_with_k1v_inside_the_bounds():
         np.testing.assert_allclose((1 - fv) * k1, head[..., 1], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(rates[..., [0, 2, 3, 4]], head[..., [0, 2, 3, 4]])
     want = (0.05, 0.1, 0.2, 0.05, 0.005)
-    net = KineticNet(parameterization="uncoupled", init_params=want, rngs=nnx.Rngs(0), **kw)
+    net = KineticNet(SMALL, parameterization="uncoupled", init_params=want, rngs=nnx.Rngs(0))
     _zero_final_kernel(net.head, net.head.out.bias[...])
     np.testing.assert_allclose(np.asarray(net(_frames()))[1, 2, 3], want, rtol=1e-5)
     assert (
-        build_model(
-            types.SimpleNamespace(kind="kinetic", parameterization="uncoupled", **kw), rngs=0
-        ).parameterization
+        build_model(_model_config(parameterization="uncoupled"), rngs=0).parameterization
         == "uncoupled"
     )
 
@@ -395,8 +501,7 @@ def test_macro_parameterization_outputs_rates_inside_the_macro_bounds():
     """parameterization='macro': the head's bounded outputs are (fv, K1, Vd, E, k4); the net
     returns rates with K1/(k2 + k3) = Vd and k3/(k2 + k3) = E inside their bounds, starts at
     the requested initial rates, and refuses settings where Vd could reach 0."""
-    kw = dict(n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN)
-    net = KineticNet(parameterization="macro", rngs=nnx.Rngs(0), **kw)
+    net = KineticNet(SMALL, parameterization="macro", rngs=nnx.Rngs(0))
     assert net.head.lower == models.MACRO_LOWER and net.head.upper == models.MACRO_UPPER
     lo, hi = np.asarray(models.MACRO_LOWER), np.asarray(models.MACRO_UPPER)
     for scale in (1.0, 1e3, -1e3):
@@ -410,21 +515,21 @@ def test_macro_parameterization_outputs_rates_inside_the_macro_bounds():
         np.testing.assert_array_equal(rates[..., [0, 1, 4]], macro[..., [0, 1, 4]])
         np.testing.assert_array_equal(rates, net.from_preactivations(net.preactivations(x)))
     want = (0.05, 0.1, 0.2, 0.05, 0.005)  # soft tissue: Vd 0.4, E 0.2
-    net = KineticNet(parameterization="macro", init_params=want, rngs=nnx.Rngs(0), **kw)
+    net = KineticNet(SMALL, parameterization="macro", init_params=want, rngs=nnx.Rngs(0))
     _zero_final_kernel(net.head, net.head.out.bias[...])
     np.testing.assert_allclose(np.asarray(net(_frames()))[1, 2, 3], want, rtol=1e-5)
     with pytest.raises(ValueError, match="needs activation 'scaled_sigmoid'"):
-        KineticNet(parameterization="macro", activation="hardsigmoid", rngs=nnx.Rngs(0), **kw)
+        KineticNet(SMALL, parameterization="macro", activation="hardsigmoid", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="parameterization must be one of"):
-        KineticNet(parameterization="hybrid", rngs=nnx.Rngs(0), **kw)
+        KineticNet(SMALL, parameterization="hybrid", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="lower Vd > 0"):
         KineticNet(
-            parameterization="macro", bounds=((0.0,) * 5, (1.0,) * 5), rngs=nnx.Rngs(0), **kw
+            SMALL, parameterization="macro", bounds=((0.0,) * 5, (1.0,) * 5), rngs=nnx.Rngs(0)
         )
     with pytest.raises(ValueError, match="need K1 > 0 and k2 . k3 > 0"):
         KineticNet(
-            parameterization="macro", init_params=(0.1, 0.0, 0.2, 0.0, 0.0), rngs=nnx.Rngs(0),
-            **kw,
+            SMALL, parameterization="macro", init_params=(0.1, 0.0, 0.2, 0.0, 0.0),
+            rngs=nnx.Rngs(0),
         )  # fmt: skip
 
 
@@ -443,14 +548,7 @@ def test_preactivations_are_the_head_outputs_before_the_scaled_sigmoid():
 
 
 def test_direct_net_is_unbounded_with_n_late_outputs():
-    net = DirectNet(
-        n_early=N_EARLY,
-        n_late=6,
-        features_per_frame=F,
-        widths=WIDTHS,
-        head_hidden=HIDDEN,
-        rngs=nnx.Rngs(0),
-    )
+    net = DirectNet(SMALL, n_late=6, rngs=nnx.Rngs(0))
     assert net.head.activation == "none"
     y = net(_frames())
     assert y.shape == (B, H, W, 6)
@@ -472,15 +570,7 @@ def test_split_merge_roundtrip_under_jit():
 
     np.testing.assert_allclose(np.asarray(apply(state, x)), eager, rtol=1e-5, atol=1e-6)
     # the abstract model (e.g. for checkpoint restore targets) has the same state structure
-    abstract = nnx.eval_shape(
-        lambda: KineticNet(
-            n_early=N_EARLY,
-            features_per_frame=F,
-            widths=WIDTHS,
-            head_hidden=HIDDEN,
-            rngs=nnx.Rngs(1),
-        )
-    )
+    abstract = nnx.eval_shape(lambda: KineticNet(SMALL, rngs=nnx.Rngs(1)))
     assert jax.tree.structure(nnx.state(abstract)) == jax.tree.structure(state)
     # state is a pure pytree of Params; merging again gives an identical model
     again = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
@@ -549,24 +639,33 @@ def test_gradients_finite_through_frames():
 # --- factory -----------------------------------------------------------------------------------------
 
 
+def _default_model():
+    """``config.model`` of configs/default.py (an `ml_collections.ConfigDict`)."""
+    return importlib.import_module("configs.default").get_config().model
+
+
+def _model_config(**overrides) -> ml_collections.ConfigDict:
+    """The default model section with the tiny test backbone and ``overrides``."""
+    cfg = _default_model()
+    cfg.update(
+        dict(n_early=N_EARLY, features_per_frame=F, widths=WIDTHS, head_hidden=HIDDEN) | overrides
+    )
+    return cfg
+
+
 def test_build_model_from_config_objects():
-    cfg = ml_collections.ConfigDict(
-        dict(
-            kind="kinetic",
-            widths=WIDTHS,
-            residual=False,
-            features_per_frame=F,
-            n_early=N_EARLY,
-            head_hidden=HIDDEN,
-            activation="scaled_sigmoid",
-            bounds_lower=(0.0,) * 5,
-            bounds_upper=(0.5, 1.0, 1.0, 0.5, 0.1),
-        )
+    cfg = _model_config(
+        kind="kinetic",
+        residual=False,
+        activation="scaled_sigmoid",
+        bounds_lower=(0.0,) * 5,
+        bounds_upper=(0.5, 1.0, 1.0, 0.5, 0.1),
     )
     net = build_model(cfg, rngs=0)
     assert isinstance(net, KineticNet)
     assert net.head.upper == (0.5, 1.0, 1.0, 0.5, 0.1)
     assert net.features.unet.residual is False
+    assert net.backbone == dataclasses.replace(SMALL, residual=False, dtype="float32")
     assert net(_frames()).shape == (B, H, W, 5)
 
     cfg.parameterization = "macro"
@@ -587,15 +686,7 @@ def test_build_model_from_config_objects():
     cfg.activation = "hardsigmoid"  # bounds fields are ignored for the authors' activation
     assert build_model(cfg, rngs=nnx.Rngs(0)).head.activation == "hardsigmoid"
 
-    ns = types.SimpleNamespace(
-        kind="direct",
-        widths=WIDTHS,
-        n_early=N_EARLY,
-        features_per_frame=F,
-        head_hidden=HIDDEN,
-        n_late=6,
-        dtype="bfloat16",
-    )
+    ns = types.SimpleNamespace(**_model_config(kind="direct", n_late=6, dtype="bfloat16").to_dict())
     direct = build_model(ns, rngs=0)
     assert isinstance(direct, DirectNet)
     y = direct(_frames())
@@ -605,6 +696,12 @@ def test_build_model_from_config_objects():
         build_model(types.SimpleNamespace(widths=WIDTHS), rngs=0)
     with pytest.raises(ValueError, match="'kind' must be one of"):
         build_model(types.SimpleNamespace(kind="patlak"), rngs=0)
+    # every other field is read from the config, none restated here: a missing one is named
+    for key in ("residual", "curve_frames", "dtype", "activation", "init_params", "bounds_upper"):
+        fields = _model_config().to_dict()
+        del fields[key]
+        with pytest.raises(ValueError, match=f"missing the required field '{key}'"):
+            build_model(types.SimpleNamespace(**fields), rngs=0)
 
 
 def test_public_names():

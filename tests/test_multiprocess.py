@@ -32,7 +32,7 @@ import pytest
 
 import kinetix.kinetics as kk
 from configs import smoke
-from kinetix import training
+from kinetix import experiment, inference, training
 from kinetix.data import pipeline
 from kinetix.data.bids import Study
 
@@ -164,7 +164,7 @@ def runs(tmp_path_factory):
         procs[i] = _cli.start_train(args + _cli.override_args(overrides), logs[i], environ)
     try:
         config = _cli.apply_overrides(smoke.get_config(), OVERRIDES)
-        training.train_and_evaluate(config, work["single"])
+        experiment.train_and_evaluate(config, work["single"])
     except BaseException:
         _cli.kill(procs.values())
         raise
@@ -174,7 +174,7 @@ def runs(tmp_path_factory):
 
 def _params(workdir):
     config = training.load_config(workdir)
-    return jax.device_get(training.restore_params(config, workdir)[1])
+    return jax.device_get(inference.restore_params(config, workdir)[1])
 
 
 def test_two_processes_train_like_one(runs):

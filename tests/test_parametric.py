@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import kinetix.kinetics as kk
-from kinetix import parametric
+from kinetix import maps, parametric
 from kinetix.data import bids
+from kinetix.inference import patlak as patlak_study
 
 SCHED = kk.PAPER_SCHEDULE
 SHAPE = (7, 6, 3)
@@ -81,7 +82,7 @@ def subject(tmp_path_factory):
 @pytest.mark.parametrize("t_end", [None, 35.0])
 def test_maps_equal_kk_patlak_inside_mask(subject, method, t_end):
     study = subject.study
-    ki, v0, mask = parametric.patlak_maps(study, 9.0, t_end, method, chunk_voxels=16)
+    ki, v0, mask = patlak_study.patlak_maps(study, 9.0, t_end, method, chunk_voxels=16)
     ref_ki, ref_v0 = kk.patlak(
         study.frames[mask], study.plasma_input(), study.schedule, 9.0, t_end, method=method
     )
@@ -93,7 +94,7 @@ def test_maps_equal_kk_patlak_inside_mask(subject, method, t_end):
 
 
 def test_ki_matches_rates_for_irreversible_voxels(subject):
-    ki, _, mask = parametric.patlak_maps(subject.study, 9.0)
+    ki, _, mask = patlak_study.patlak_maps(subject.study, 9.0)
     fv, k1, k2, k3, k4 = np.moveaxis(subject.params, -1, 0)
     irreversible = mask & (k1 > 0) & (k4 == 0)
     assert irreversible.sum() >= 40
@@ -105,10 +106,10 @@ def test_ki_matches_rates_for_irreversible_voxels(subject):
 
 
 def test_mask_covers_body_fills_hole_drops_speck(subject):
-    _, _, mask = parametric.patlak_maps(subject.study, 9.0)
+    _, _, mask = patlak_study.patlak_maps(subject.study, 9.0)
     np.testing.assert_array_equal(mask, _body())
     assert mask[HOLE] and not mask[SPECK]
-    _, _, everything = parametric.patlak_maps(subject.study, 9.0, mask_threshold=0.0)
+    _, _, everything = patlak_study.patlak_maps(subject.study, 9.0, mask_threshold=0.0)
     assert everything.all()
 
 
@@ -118,36 +119,36 @@ def test_body_mask_fills_enclosed_region_only():
     img[3:6, 3:6, 0] = 0.0  # enclosed cold region ("lung")
     img[0:3, 4, 1] = 0.0  # a notch open to the air along y: stays outside
     img[1, 4, 1] = 0.0
-    mask = parametric.body_mask(img, 0.5)
+    mask = maps.filled_mask(img, 0.5)
     expected = img > 0.5
     expected[3:6, 3:6, 0] = True
     np.testing.assert_array_equal(mask, expected)
     assert not mask[1, 4, 1] and not mask[0, 4, 1]
     with pytest.raises(ValueError, match="mask_threshold"):
-        parametric.body_mask(img, 1.5)
+        maps.filled_mask(img, 1.5)
 
 
 def test_chunking_invariance_and_single_compile(subject):
-    parametric._fit_chunk.clear_cache()
-    small = parametric.patlak_maps(subject.study, 9.0, chunk_voxels=7)  # 60 voxels: 9 chunks
-    assert parametric._fit_chunk._cache_size() == 1
-    large = parametric.patlak_maps(subject.study, 9.0, chunk_voxels=1000)
+    maps.patlak._fit_chunk.clear_cache()
+    small = patlak_study.patlak_maps(subject.study, 9.0, chunk_voxels=7)  # 60 voxels: 9 chunks
+    assert maps.patlak._fit_chunk._cache_size() == 1
+    large = patlak_study.patlak_maps(subject.study, 9.0, chunk_voxels=1000)
     # An in-memory study in C order (NIfTI data is Fortran order) takes the other layout path.
     assert subject.study.frames.flags.f_contiguous
     c_study = dataclasses.replace(subject.study, frames=np.ascontiguousarray(subject.study.frames))
-    c_order = parametric.patlak_maps(c_study, 9.0, chunk_voxels=7)
+    c_order = patlak_study.patlak_maps(c_study, 9.0, chunk_voxels=7)
     for a, b, c in zip(small, large, c_order, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
 
 
 def test_warm_up_compiles_exactly_what_the_fit_uses(subject, tmp_path):
-    parametric._fit_chunk.clear_cache()
-    parametric._warm_up(subject.pet, None, 9.0, None, "ols", 32)
-    assert parametric._fit_chunk._cache_size() == 1  # the peek worked
-    paths = parametric.run(subject.pet, tmp_path, 9.0, chunk_voxels=32)
-    assert parametric._fit_chunk._cache_size() == 1  # ... and the fit reused it
-    ki, _, _ = parametric.patlak_maps(subject.study, 9.0, chunk_voxels=32)
+    maps.patlak._fit_chunk.clear_cache()
+    patlak_study._warm_up(subject.pet, None, 9.0, None, "ols", 32)
+    assert maps.patlak._fit_chunk._cache_size() == 1  # the peek worked
+    paths = patlak_study.patlak_study(subject.pet, tmp_path, 9.0, chunk_voxels=32)
+    assert maps.patlak._fit_chunk._cache_size() == 1  # ... and the fit reused it
+    ki, _, _ = patlak_study.patlak_maps(subject.study, 9.0, chunk_voxels=32)
     np.testing.assert_array_equal(np.asarray(nib.load(paths["ki"]).dataobj), ki)
 
 
@@ -166,7 +167,7 @@ def test_cli_subprocess_writes_maps_on_input_grid(subject, tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    ki, v0, mask = parametric.patlak_maps(subject.study, 9.0)
+    ki, v0, mask = patlak_study.patlak_maps(subject.study, 9.0)
     src = nib.load(subject.pet)
     for name, expected in (("Ki", ki), ("V0", v0), ("mask", mask.astype(np.float32))):
         img = nib.load(out / f"sub-01_{name}.nii.gz")
@@ -217,10 +218,10 @@ def test_cli_errors_are_one_sentence(subject, tmp_path, capsys, args, message):
 
 def test_library_validates_arguments(subject):
     with pytest.raises(ValueError, match="method"):
-        parametric.patlak_maps(subject.study, 9.0, method="wls")
+        patlak_study.patlak_maps(subject.study, 9.0, method="wls")
     with pytest.raises(ValueError, match="chunk_voxels"):
-        parametric.patlak_maps(subject.study, 9.0, chunk_voxels=0)
+        patlak_study.patlak_maps(subject.study, 9.0, chunk_voxels=0)
     with pytest.raises(ValueError, match="t_star"):
-        parametric.patlak_maps(subject.study, float("nan"))
+        patlak_study.patlak_maps(subject.study, float("nan"))
     with pytest.raises(ValueError, match="NIfTI"):
-        parametric.output_paths(pathlib.Path("x_pet.img"), "out")
+        patlak_study.output_paths(pathlib.Path("x_pet.img"), "out")

@@ -389,12 +389,12 @@ def test_eval_batch_shards_assemble_the_single_process_batches(cohort, shards, l
 
 def test_default_cache_holds_a_small_cohort(tmp_path):
     """By default a cohort that fits in DEFAULT_CACHE_BYTES is decoded once per subject."""
-    from kinetix import simulate
     from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.phantom.cohort import simulate_cohort
     from kinetix.data.pipeline import DEFAULT_CACHE_SIZE
 
     n = DEFAULT_CACHE_SIZE + 2
-    simulate.simulate_cohort(
+    simulate_cohort(
         tmp_path, n, 0, SimulationConfig(size=16, slices=1, noise="none"),
         overwrite=True, progress=False, preview=False,
     )  # fmt: skip

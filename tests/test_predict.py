@@ -12,17 +12,17 @@ import pytest
 
 import kinetix.kinetics as kk
 from configs import smoke
-from kinetix import evaluate, predict, training
+from kinetix import evaluation, experiment, inference, training
 from kinetix.data import bids
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from kinetix import simulate
     from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.phantom.cohort import simulate_cohort
 
     base = tmp_path_factory.mktemp("predict")
-    simulate.simulate_cohort(
+    simulate_cohort(
         base / "cohort",
         4,
         0,
@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     config.eval.run_after_training = False
     config.train.keep_checkpoints = 1
     config.train.keep_checkpoint_steps = (3,)  # off the interval (2): kept besides the last, 4
-    training.train_and_evaluate(config, base / "run")
+    experiment.train_and_evaluate(config, base / "run")
     return base
 
 
@@ -70,18 +70,18 @@ def test_predict_odd_sizes_and_frame_counts(trained, tmp_path, shape, n_frames):
     pet = write_study(tmp_path / "bids", shape, n_frames)
     out = tmp_path / "out"
     config = training.load_config(trained / "run")
-    graphdef, params = training.restore_params(config, trained / "run")
-    sched = predict.trained_schedule(trained / "run")
+    graphdef, params = inference.restore_params(config, trained / "run")
+    sched = inference.trained_schedule(trained / "run")
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    fn = training.make_predict_fn(
+    fn = inference.make_predict_fn(
         training.make_eval_step(graphdef, config, sched),
         params,
         NamedSharding(training.make_mesh(), P("data")),
     )
     study = bids.read_subject(pet)
-    result = predict.predict_study(config, fn, study, sched, batch_slices=4, progress=False)
+    result = inference.predict_study(config, fn, study, sched, batch_slices=4, progress=False)
     assert result["late"].shape == shape + (6,)
     assert result["params"].shape == shape + (5,)
     assert np.all(np.isfinite(result["ki"])) and np.all(np.isfinite(result["late"]))
@@ -90,16 +90,16 @@ def test_predict_odd_sizes_and_frame_counts(trained, tmp_path, shape, n_frames):
     assert np.all(result["params"] >= 0) and np.all(result["params"] <= upper + 1e-6)
     # A slice predicted alone equals the same slice predicted within the volume.
     one = bids.Study(**{**study.__dict__, "frames": study.frames[:, :, 1:2]})
-    alone = predict.predict_study(config, fn, one, sched, batch_slices=4, progress=False)
+    alone = inference.predict_study(config, fn, one, sched, batch_slices=4, progress=False)
     np.testing.assert_allclose(
         alone["late"][:, :, 0], result["late"][:, :, 1], rtol=1e-5, atol=1e-6
     )
-    paths = predict.write_outputs(result, study, out)
+    paths = inference.write_outputs(result, study, out)
     ki = nib.load(out / "sub-99_Ki.nii.gz")
     np.testing.assert_array_equal(ki.affine, study.affine)
     assert len(paths) == 10
     with pytest.raises(FileExistsError):
-        predict.write_outputs(result, study, out)
+        inference.write_outputs(result, study, out)
 
 
 def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
@@ -134,6 +134,7 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
     noblood = write_study(tmp_path / "nob", (16, 16, 2), 28, with_blood=False)
     fails(cmd[:6] + [str(noblood), "--out", str(tmp_path / "o3")], "blood")
     fails(cmd[:5] + ["--pet", str(pet), "--out", str(tmp_path / "out")], "exists")
+    fails(cmd[:8] + [str(tmp_path / "o6"), "--batch_slices", "0"], "--batch_slices must be")
     fails(
         cmd[:6] + [str(pet), "--out", str(tmp_path / "o5"), "--step", "2"], "at step 2; it has 3, 4"
     )
@@ -155,18 +156,18 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
 def test_a_kept_step_is_restored_evaluated_and_recorded(trained):
     """train.keep_checkpoint_steps keeps step 3; restore_params and evaluate take it by step."""
     run = trained / "run"
-    assert training.checkpoint_steps(run) == [3, 4]
+    assert inference.checkpoint_steps(run) == [3, 4]
     config = training.load_config(run)
-    at3 = training.restore_params(config, run, 3)[1]
-    at4 = training.restore_params(config, run)[1]
+    at3 = inference.restore_params(config, run, 3)[1]
+    at4 = inference.restore_params(config, run)[1]
     assert any(
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(at3), jax.tree.leaves(at4), strict=True)
     )
     with pytest.raises(ValueError, match=r"no checkpoint at step 2; it has 3, 4\."):
-        training.restore_params(config, run, 2)
-    res3 = evaluate.run_cli(run, step=3)
-    res4 = evaluate.run_cli(run, out=str(trained / "eval-latest"))
+        inference.restore_params(config, run, 2)
+    res3 = evaluation.evaluate_workdir(run, step=3)
+    res4 = evaluation.evaluate_workdir(run, out=str(trained / "eval-latest"))
     assert res3["out_dir"] == str(run / "eval-step3")
     assert res3["metrics"]["run"]["checkpoint_step"] == 3
     assert res4["metrics"]["run"]["checkpoint_step"] == 4
@@ -177,7 +178,7 @@ def test_a_kept_step_is_restored_evaluated_and_recorded(trained):
     ]
     assert ssim[0] != ssim[1]  # step 3's weights were used, not the latest
     with pytest.raises(ValueError, match="no checkpoint at step 5"):
-        evaluate.run_cli(run, step=5)
+        evaluation.evaluate_workdir(run, step=5)
 
 
 def test_entry_point_modules_import_together():

@@ -30,7 +30,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from kinetix import provenance, training
+from kinetix import inference, training
+from kinetix.training import provenance
 
 TIMEOUT_S = 300  # per phase (~30 s each alone on 2 cores)
 
@@ -69,14 +70,12 @@ def _snapshot(work) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The four runs (module docstring); the parameters are restored while phase 2 runs."""
-    from kinetix import simulate
     from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.phantom.cohort import simulate_cohort
 
     base = tmp_path_factory.mktemp("repro")
     root = base / "cohort"
-    simulate.simulate_cohort(
-        root, 4, 0, SimulationConfig(size=16, slices=2, noise="image"), progress=False
-    )
+    simulate_cohort(root, 4, 0, SimulationConfig(size=16, slices=2, noise="image"), progress=False)
     overrides = _overrides(root)
     cache = _cli.cache_dir(tmp_path_factory)
     work = {name: base / name for name in ("dev1", "dev2", "again")}
@@ -120,7 +119,7 @@ def runs(tmp_path_factory):
 def _params(workdir):
     """Final parameters of a run (restored on this process's 4 devices, fetched to the host)."""
     config = training.load_config(workdir)
-    return jax.device_get(training.restore_params(config, workdir)[1])
+    return jax.device_get(inference.restore_params(config, workdir)[1])
 
 
 def test_same_seed_config_and_devices_are_bit_identical(runs):

@@ -1,10 +1,11 @@
-"""Tests for kinetix.simulate: the BIDS cohort writer and its command line.
+"""Tests for the BIDS cohort writer (`kinetix.data.phantom.cohort`) and `kinetix.simulate`.
 
 References: the simulator's own in-memory output (`phantom.simulate_subject`, independent of
 any file I/O) read back through `kinetix.data.bids`, the PNG signature, and a second process
 (the CLI) for determinism.
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -16,9 +17,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kinetix import simulate
 from kinetix.data import bids
 from kinetix.data import phantom as ph
+from kinetix.data.phantom.cohort import simulate_cohort, simulation_settings, subject_ids
 
 SEED = 3
 CFG = ph.SimulationConfig(size=32, slices=2, noise="image")
@@ -26,9 +27,16 @@ CLI_ARGS = ["--subjects", "2", "--seed", str(SEED), "--size", "32", "--slices", 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=120):
+def _cli(*args, timeout=120, cache_dir=None):
+    """Runs the command; with `cache_dir` it shares this session's JAX compilation cache (and its
+    XLA_FLAGS, part of the cache key), so it loads what this process compiled instead."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    if cache_dir is None:
+        env.pop("XLA_FLAGS", None)
+    else:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return subprocess.run(
         [sys.executable, "-m", "kinetix.simulate", *map(str, args)],
         cwd=ROOT,
@@ -59,7 +67,7 @@ def sims():
 @pytest.fixture(scope="module")
 def lib_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("lib") / "cohort"
-    ids = simulate.simulate_cohort(root, 2, SEED, CFG, progress=False)
+    ids = simulate_cohort(root, 2, SEED, CFG, progress=False)
     assert ids == ["sub-01", "sub-02"]
     return root
 
@@ -177,7 +185,7 @@ def test_same_seed_gives_identical_arrays_across_processes(lib_root, cli_run):
 
 def test_overwrite_refusal_and_replacement(tmp_path, lib_root):
     out = tmp_path / "cohort"
-    simulate.simulate_cohort(out, 2, SEED, CFG, progress=False, preview=False)
+    simulate_cohort(out, 2, SEED, CFG, progress=False, preview=False)
     first = _arrays(out, "sub-01")
     reference = _arrays(lib_root, "sub-01")
     for name in reference:  # a second in-process run with the same seed: identical
@@ -185,12 +193,12 @@ def test_overwrite_refusal_and_replacement(tmp_path, lib_root):
     assert not (out / "derivatives" / "preview").exists()
 
     with pytest.raises(FileExistsError, match="is not empty; pass overwrite=True"):
-        simulate.simulate_cohort(out, 1, SEED, CFG, progress=False)
+        simulate_cohort(out, 1, SEED, CFG, progress=False)
     np.testing.assert_array_equal(
         _arrays(out, "sub-01")["sub-01_pet.nii.gz"], first["sub-01_pet.nii.gz"]
     )
 
-    ids = simulate.simulate_cohort(out, 1, SEED + 1, CFG, overwrite=True, progress=False)
+    ids = simulate_cohort(out, 1, SEED + 1, CFG, overwrite=True, progress=False)
     assert ids == ["sub-01"]
     assert not (out / "sub-02").exists()  # the previous cohort's extra subject is gone
     assert not (out / "derivatives" / "truth" / "sub-02").exists()
@@ -204,13 +212,61 @@ def test_refuses_to_overwrite_a_foreign_dataset(tmp_path):
     (tmp_path / "dataset_description.json").write_text(json.dumps({"Name": "real scans"}))
     (tmp_path / "sub-01").mkdir()
     with pytest.raises(ValueError, match="not written by kinetix.simulate"):
-        simulate.simulate_cohort(tmp_path, 1, 0, CFG, overwrite=True, progress=False)
+        simulate_cohort(tmp_path, 1, 0, CFG, overwrite=True, progress=False)
     assert (tmp_path / "sub-01").is_dir()
 
 
 def test_subject_ids_are_zero_padded():
-    assert simulate.subject_ids(3) == ["sub-01", "sub-02", "sub-03"]
-    assert simulate.subject_ids(100)[0] == "sub-001"
+    assert subject_ids(3) == ["sub-01", "sub-02", "sub-03"]
+    assert subject_ids(100)[0] == "sub-001"
+
+
+# ------------------------------------------------------------------------------------------------
+# --config: the cohort a training config simulates
+# ------------------------------------------------------------------------------------------------
+def _cohort_files(root):
+    """{relative path: file} of every NIfTI and TSV of a cohort (previews and JSON left out)."""
+    root = pathlib.Path(root)
+    return {
+        str(p.relative_to(root)): p
+        for p in sorted(root.rglob("*"))
+        if p.name.endswith((".nii.gz", ".tsv"))
+    }
+
+
+def test_cli_config_writes_the_cohort_training_simulates(tmp_path):
+    import jax
+
+    from kinetix.training.cohort import build_cohort
+
+    config = importlib.import_module("configs.smoke").get_config()
+    config.data.sim_subjects = 2  # the smoke cohort, two of its subjects (an override)
+    build_cohort(config, tmp_path / "run")  # simulates into run/data (config.data.root is "")
+    result = _cli(
+        "--config", "configs/smoke.py", "--config.data.sim_subjects=2", "--out", tmp_path / "cli",
+        "--noprogress", "--nopreview", cache_dir=jax.config.jax_compilation_cache_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 subjects × 2 slices of 16×16 (image noise, seed 0)" in result.stdout
+    train, cli = _cohort_files(tmp_path / "run" / "data"), _cohort_files(tmp_path / "cli")
+    assert sorted(train) == sorted(cli) and len(train) == 1 + 2 * 13  # participants + 13 each
+    for name, path in train.items():
+        if name.endswith(".tsv"):
+            assert path.read_text() == cli[name].read_text(), name
+            continue
+        a, b = _data(path), _data(cli[name])
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert _data(train["sub-02/pet/sub-02_pet.nii.gz"]).shape == (16, 16, 2, 28)
+    assert not (tmp_path / "cli" / "derivatives" / "preview").exists()  # --nopreview
+
+
+def test_simulation_settings_fit_osem_subsets_to_the_matrix():
+    assert simulation_settings(64).recon_subsets == 16
+    assert simulation_settings(24).recon_subsets == 8  # 16 does not divide 24 angles
+    cfg = simulation_settings(32, 2, "projection", counts_per_slice=4e6)
+    assert cfg.counts_per_slice == 4e6 and cfg.noise_scale == ph.SimulationConfig().noise_scale
+    assert simulation_settings(32, 2, "image", noise_scale=0.25).noise_scale == 0.25
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +284,7 @@ def test_subject_ids_are_zero_padded():
 def test_library_rejects_bad_arguments(tmp_path, kwargs, match):
     args = dict(out_dir=tmp_path / "x", n_subjects=1, seed=0, cfg=CFG, progress=False) | kwargs
     with pytest.raises(ValueError, match=match):
-        simulate.simulate_cohort(**args)
+        simulate_cohort(**args)
     assert not (tmp_path / "x").exists()
 
 
@@ -243,6 +299,14 @@ BAD_ARGS = {
     "subjects x": (["--subjects", "x"], "flag --subjects=x"),
     "no out": (["--subjects", "1", "--out="], "--out must name a directory"),
     "positional": (["--subjects", "1", "extra"], "unexpected arguments 'extra'"),
+    "config and seed": (
+        ["--config", "configs/smoke.py", "--seed", "1", "--size", "32"],
+        "--seed, --size cannot be combined with --config",
+    ),
+    "config bad noise": (
+        ["--config", "configs/smoke.py", "--config.data.sim_noise=fbp"],
+        "noise must be 'image', 'projection' or 'none'",
+    ),
 }
 
 

@@ -11,17 +11,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import smoke
-from kinetix import training
+from kinetix import experiment, inference, training
 from kinetix.data import pipeline
 
 
 @pytest.fixture(scope="module")
 def cohort_root(tmp_path_factory):
-    from kinetix import simulate
     from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.phantom.cohort import simulate_cohort
 
     root = tmp_path_factory.mktemp("cohort")
-    simulate.simulate_cohort(
+    simulate_cohort(
         root,
         4,
         0,
@@ -87,7 +87,7 @@ def test_loss_falls_on_a_tiny_cohort(cohort_root, tmp_path):
         eval_every_steps=100,
         checkpoint_every_steps=100,
     )
-    training.train_and_evaluate(config, tmp_path)
+    experiment.train_and_evaluate(config, tmp_path)
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert len(losses) == 6
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:1]), losses
@@ -96,12 +96,12 @@ def test_loss_falls_on_a_tiny_cohort(cohort_root, tmp_path):
 def test_resume_continues_exactly_and_refuses_another_model(cohort_root, tmp_path):
     full = tmp_path / "full"
     part = tmp_path / "part"
-    training.train_and_evaluate(smoke_config(cohort_root, num_steps=6), full)
-    training.train_and_evaluate(smoke_config(cohort_root, num_steps=4), part)
+    experiment.train_and_evaluate(smoke_config(cohort_root, num_steps=6), full)
+    experiment.train_and_evaluate(smoke_config(cohort_root, num_steps=4), part)
     assert (part / "checkpoints").is_dir()
     for name in ("config.json", "provenance.json", "splits.json"):
         assert (part / name).exists()
-    training.train_and_evaluate(smoke_config(cohort_root, num_steps=6), part)  # resumes at 4
+    experiment.train_and_evaluate(smoke_config(cohort_root, num_steps=6), part)  # resumes at 4
     m_full = {m["step"]: m for m in read_metrics(full)}
     m_part = {m["step"]: m for m in read_metrics(part)}
     assert sorted(m_part) == [2, 4, 6]
@@ -113,7 +113,7 @@ def test_resume_continues_exactly_and_refuses_another_model(cohort_root, tmp_pat
     other = smoke_config(cohort_root, num_steps=8)
     other.model.head_hidden = (32,)
     with pytest.raises(ValueError, match="does not match this model/config"):
-        training.train_and_evaluate(other, part)
+        experiment.train_and_evaluate(other, part)
     assert {n: (part / n).read_bytes() for n in saved} == saved
 
 
@@ -167,7 +167,7 @@ def test_bad_config_gives_one_clear_sentence(cohort_root, tmp_path, field, value
     section, name = field.split(".")
     setattr(getattr(config, section), name, value)
     with pytest.raises(ValueError, match=match):
-        training.train_and_evaluate(config, tmp_path)
+        experiment.train_and_evaluate(config, tmp_path)
 
 
 def _fresh_eval_setup(config, cohort_root):
@@ -215,11 +215,11 @@ def test_validation_loss_without_body_voxels_is_an_error(cohort_root):
 def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp_path):
     """Trial 0 is the plain run; the winner has the lowest val loss and is what was saved."""
     plain = smoke_config(cohort_root, num_steps=2, eval_every_steps=2)
-    training.train_and_evaluate(plain, tmp_path / "plain")
+    experiment.train_and_evaluate(plain, tmp_path / "plain")
     plain_val = read_metrics(tmp_path / "plain")[-1]["val_loss"]
 
     config = smoke_config(cohort_root, num_steps=2, init_trials=2, init_trial_steps=2)
-    training.train_and_evaluate(config, tmp_path / "trials")
+    experiment.train_and_evaluate(config, tmp_path / "trials")
     path = tmp_path / "trials" / "init_trials.json"
     trials = json.loads(path.read_text())
     vals = [t["val_loss"] for t in trials]
@@ -230,7 +230,7 @@ def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp
 
     # The checkpoint holds the winner: its validation loss is the chosen trial's.
     cohort = pipeline.Cohort.from_bids(cohort_root)
-    graphdef, params = training.restore_params(config, tmp_path / "trials")
+    graphdef, params = inference.restore_params(config, tmp_path / "trials")
     eval_step = training.make_eval_step(graphdef, config, cohort.schedule)
     mesh = training.make_mesh()
     val_subjects = training.split_cohort(config, cohort)["val"]
@@ -241,7 +241,7 @@ def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp
 
     # Training on resumes from the winner's checkpoint without repeating the trials.
     written = path.stat().st_mtime_ns
-    training.train_and_evaluate(
+    experiment.train_and_evaluate(
         smoke_config(cohort_root, num_steps=4, init_trials=2, init_trial_steps=2),
         tmp_path / "trials",
     )
@@ -258,21 +258,21 @@ def test_init_trials_keep_the_lowest_validation_loss_and_resume(cohort_root, tmp
 )
 def test_bad_init_trials_are_clear_errors(cohort_root, tmp_path, train, match):
     with pytest.raises(ValueError, match=match):
-        training.train_and_evaluate(smoke_config(cohort_root, **train), tmp_path)
+        experiment.train_and_evaluate(smoke_config(cohort_root, **train), tmp_path)
 
 
 def test_init_trials_need_validation_subjects(cohort_root, tmp_path):
     config = smoke_config(cohort_root, init_trials=2, init_trial_steps=2)
     config.data.val_fraction = 0.0
     with pytest.raises(ValueError, match="has no validation subjects"):
-        training.train_and_evaluate(config, tmp_path)
+        experiment.train_and_evaluate(config, tmp_path)
 
 
 def test_empty_data_root_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     config = smoke_config(tmp_path / "empty")
     with pytest.raises(ValueError, match="holds no sub-"):
-        training.train_and_evaluate(config, tmp_path / "run")
+        experiment.train_and_evaluate(config, tmp_path / "run")
 
 
 def test_learning_rate_schedule_matches_paper():
@@ -425,3 +425,15 @@ def test_split_seed_separates_the_subject_split_from_the_init_seed():
     )
     assert split(3, 5) == split(5, -1) == split(0, 5)
     assert split(3, 5)["test"] != split(3, -1)["test"]
+
+
+def test_former_training_names_still_import():
+    """Users' code written against the former single module `kinetix.training` keeps working:
+    the names that moved to the layers above are the same objects there."""
+    from kinetix import experiment, inference
+
+    assert training.train_and_evaluate is experiment.train_and_evaluate
+    for name in ("load_for_inference", "restore_params", "make_predict_fn", "checkpoint_steps"):
+        assert getattr(training, name) is getattr(inference, name)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        training.nonexistent  # noqa: B018

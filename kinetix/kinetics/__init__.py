@@ -1,7 +1,7 @@
 """kinetix.kinetics: the exact, differentiable kinetics core (pure JAX, no Flax, no I/O).
 
 Time in minutes, rates in 1/min, arrays time-last. Everything here is safe under `jax.jit`,
-`jax.grad` and `jax.vmap`. See shared/design/ARCHITECTURE.md for the public contract:
+`jax.grad` and `jax.vmap`. The public contract (docs/architecture.md, docs/conventions.md):
 
     import kinetix.kinetics as kk
     sched = kk.PAPER_SCHEDULE

@@ -4,8 +4,9 @@
     C_T = a·(Cp ⊗ e^{−α1 t}) + b·(Cp ⊗ e^{−α2 t})
     C_PET = (1 − fv)·C_T + fv·C_WB
 
-(shared/reference/KINETICS.md; Liang et al. 2023, Eqs. 1–6). Frames are the exact decay-weighted
-frame integrals times each frame's decay-correction factor (Eq. 7 and the BIDS convention):
+(docs/conventions.md, "Two-tissue model"; Liang et al. 2023, Eqs. 1–6). Frames are the exact
+decay-weighted frame integrals times each frame's decay-correction factor (Eq. 7 and the BIDS
+convention):
 
     x_m = f_m/Δ_m · ∫_{t_s}^{t_e} C_PET(τ)·e^{−λτ} dτ
 

@@ -9,7 +9,7 @@ decay-corrected image value is that integral times f_m/Δ_m with
 
     f_m = λ·Δ_m·e^{λ·t_s} / (1 − e^{−λ·Δ_m})
 
-(the BIDS / DICOM `DecayCorrectionFactor`; see shared/reference/KINETICS.md). For a constant
+(the BIDS / DICOM `DecayCorrectionFactor`; docs/conventions.md, "Frames and decay"). For a constant
 activity C the image value is C; with λ = 0 the factor is 1 and the value is the plain frame mean.
 """
 

@@ -49,7 +49,7 @@ FENG_FDG = FengParams(
     lambda3=-0.0104,
     tau=0.7340,
 )
-"""Feng's FDG input as in shared/reference/KINETICS.md and the TPCCLIB fixture (µCi/mL, min).
+"""Feng's FDG input (docs/conventions.md, "Input functions") and the TPCCLIB fixture (µCi/mL, min).
 Cp(τ) = 0; peak ≈ 103.4 at s ≈ 0.29 min. A2 pairs with λ2 and A3 with λ3."""
 
 

@@ -2,7 +2,7 @@
 
     y_m = C_m / Cp_m = Ki · x_m + V0,   x_m = ∫0^{t_mid,m} Cp / Cp_m,   for frames with t ≥ t*
 
-Conventions (TPCCLIB's, the trusted peer; shared/reference/KINETICS.md):
+Conventions (TPCCLIB's; docs/conventions.md, "Patlak"):
 - the integral runs from t = 0 (injection) to the frame **mid-time**;
 - Cp_m is the **frame mean** of the plasma curve (with `decay_constant` > 0 it is instead made
   exactly like a decay-corrected image frame, f_m/Δ_m·∫ Cp e^{−λτ}; the difference is ~1e-4);
@@ -17,6 +17,7 @@ Ki and V0 are NaN only where a voxel's own frames are NaN.
 import jax.numpy as jnp
 import numpy as np
 
+from kinetix.kinetics.compartment import blood_frames
 from kinetix.kinetics.frames import FrameSchedule
 
 METHODS = ("ols", "perpendicular")
@@ -33,8 +34,6 @@ def patlak_x(inp, schedule: FrameSchedule, decay_constant: float = 0.0):
     Returns:
       (x [T] in min, cp [T] frame value of Cp). x is 0 where the frame's Cp is 0.
     """
-    from kinetix.kinetics.compartment import blood_frames
-
     cp = blood_frames(inp, schedule, decay_constant)
     integral = inp.integral(jnp.asarray(schedule.mid, cp.dtype))
     pos = cp > 0

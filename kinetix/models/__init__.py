@@ -1,5 +1,11 @@
 """kinetix.models: Flax NNX networks (U-Net features → 2TCM parameters, or late frames directly).
 
+The architecture both networks share is one frozen `Backbone` (frames, U-Net, head widths, curve
+inputs, dtype); `KineticNet` and `DirectNet` take it plus their own head options::
+
+    net = KineticNet(Backbone(widths=(16, 32), head_hidden=(16,)), rngs=nnx.Rngs(0))
+
+`build_model` builds either from a config section (``config.model`` of ``configs/default.py``).
 Use them functionally in training code::
 
     model = build_model(config.model, rngs=nnx.Rngs(config.seed))
@@ -10,10 +16,15 @@ The only NNX state is `nnx.Param` (GroupNorm, no BatchNorm), so there are no bat
 to thread through the step.
 """
 
-import jax.numpy as jnp
 from flax import nnx
 
-from kinetix.models.direct_net import DirectNet
+from kinetix.models.backbone import (
+    PAPER_BACKBONE,
+    PAPER_HEAD_HIDDEN,
+    Backbone,
+    config_value,
+)
+from kinetix.models.direct_net import PAPER_N_LATE, DirectNet
 from kinetix.models.kinetic_net import (
     ACTIVATIONS,
     BOUNDED_ACTIVATIONS,
@@ -22,7 +33,6 @@ from kinetix.models.kinetic_net import (
     LOG_LOWER,
     MACRO_LOWER,
     MACRO_UPPER,
-    PAPER_HEAD_HIDDEN,
     PARAM_NAMES,
     PARAMETERIZATIONS,
     EarlyFramesNet,
@@ -52,10 +62,13 @@ __all__ = [
     "LOG_LOWER",
     "MACRO_LOWER",
     "MACRO_UPPER",
+    "PAPER_BACKBONE",
     "PAPER_HEAD_HIDDEN",
+    "PAPER_N_LATE",
     "PARAMETERIZATIONS",
     "PAPER_WIDTHS",
     "PARAM_NAMES",
+    "Backbone",
     "DirectNet",
     "DoubleConv",
     "Down",
@@ -71,52 +84,53 @@ __all__ = [
     "params_to_frames",
 ]
 
-_MISSING = object()
-
-
-def _get(config, name, default=_MISSING):
-    value = getattr(config, name, default)
-    if value is _MISSING:
-        raise ValueError(f"Model config is missing the required field {name!r}.")
-    return value
-
-
-def _dtype_or_none(value):
-    return None if value is None else jnp.dtype(value)
-
 
 def _tuple_or_none(value):
     return None if value is None else tuple(value)
 
 
+def _kinetic_bounds(config, activation: str, parameterization: str):
+    """``(lower, upper)`` of the kinetic head from the config's bounds fields (None: unbounded).
+
+    The head's outputs are the rates, or (fv, K1, Vd, E, k4) with their own bounds
+    (``macro_bounds_*``); the log scale has its own positive lower bounds (``log_bounds_lower``).
+    A field set to None takes the module default.
+    """
+    if activation not in BOUNDED_ACTIVATIONS:
+        return None
+    if parameterization == "macro":
+        keys, default = ("macro_bounds_lower", "macro_bounds_upper"), (MACRO_LOWER, MACRO_UPPER)
+    elif activation == "log_scaled_sigmoid":
+        keys, default = ("log_bounds_lower", "bounds_upper"), (LOG_LOWER, DEFAULT_UPPER)
+    else:
+        keys, default = ("bounds_lower", "bounds_upper"), (DEFAULT_LOWER, DEFAULT_UPPER)
+    values = (config_value(config, key) for key in keys)
+    return tuple(d if v is None else tuple(v) for v, d in zip(values, default, strict=True))
+
+
 def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
     """Build a `KineticNet` or `DirectNet` from a config section (any object with attributes).
 
-    Fields read (an absent optional field takes the default shown):
+    Every field is read as ``config.<field>`` (``configs/default.py`` sets them all); a missing
+    field is a ValueError naming it. Fields:
       kind: ``'kinetic'`` (U-Net + bounded 2TCM head) or ``'direct'`` ("without model" ablation).
-      widths: U-Net widths, multiples of 16 (default (64, 128, 256, 512, 1024)).
-      residual: residual DoubleConv blocks (default True; the authors' code: False).
-      features_per_frame: U-Net features per frame (default 10).
-      n_early: input frames (default 22).
-      head_hidden: hidden widths of the pointwise head (default (256, 128, 128, 64)).
-      activation: kinetic only, ``'scaled_sigmoid'`` (default), ``'log_scaled_sigmoid'`` (the
-        same bounds on a log scale, see `KineticHead`) or ``'hardsigmoid'`` (authors').
+      n_early, features_per_frame, widths, residual, head_hidden, curve_frames, dtype: the
+        `Backbone` (`Backbone.from_config`; ``curve_frames`` is its ``n_curve``).
+      activation: kinetic only, ``'scaled_sigmoid'``, ``'log_scaled_sigmoid'`` (the same bounds
+        on a log scale, see `KineticHead`) or ``'hardsigmoid'`` (authors').
       bounds_lower, bounds_upper: kinetic + a scaled sigmoid only: 5 numbers each for
-        (fv, K1, k2, k3, k4) in (1, mL/min/mL, 1/min, 1/min, 1/min); default
-        `DEFAULT_LOWER` = 0 and `DEFAULT_UPPER` = (1, 2, 3, 1, 0.2). None means the default.
+        (fv, K1, k2, k3, k4) in (1, mL/min/mL, 1/min, 1/min, 1/min); None means
+        `DEFAULT_LOWER`, `DEFAULT_UPPER`.
       log_bounds_lower: kinetic + ``'log_scaled_sigmoid'`` only: its lower bounds (all > 0),
-        used instead of ``bounds_lower``; default `LOG_LOWER`.
-      parameterization: kinetic only, ``'rates'`` (default, the paper), ``'macro'`` (the
-        head outputs (fv, K1, Vd, E, k4)) or ``'uncoupled'`` (fv, (1 − fv)·K1, k2, k3, k4 within
-        the rate bounds); see `KineticNet`.
+        used instead of ``bounds_lower``; None means `LOG_LOWER`.
+      parameterization: kinetic only, ``'rates'`` (the paper), ``'macro'`` (the head outputs
+        (fv, K1, Vd, E, k4)) or ``'uncoupled'`` (fv, (1 − fv)·K1, k2, k3, k4 within the rate
+        bounds); see `KineticNet`.
       macro_bounds_lower, macro_bounds_upper: kinetic + macro only: 5 numbers each for
-        (fv, K1, Vd, E, k4); default `MACRO_LOWER`, `MACRO_UPPER`.
-      init_params: kinetic only, the 5 parameter values the final bias maps to (default None:
-        mid-range, zero bias); the direct ablation ignores it (zero final bias).
-      n_late: direct only, predicted late frames (default 6).
-      curve_frames: extra head inputs per example (default 0, the paper; kinetix training gives
-        the subject's plasma input as one mean per frame, so it is 0 or the frame count).
-      dtype: computation dtype name or dtype, e.g. ``'bfloat16'`` (default None: float32).
+        (fv, K1, Vd, E, k4); None means `MACRO_LOWER`, `MACRO_UPPER`.
+      init_params: kinetic only, the 5 rates the final bias maps to (None: mid-range, zero
+        bias); the direct ablation ignores it (zero final bias).
+      n_late: direct only and optional: predicted late frames (absent: `PAPER_N_LATE` = 6).
 
     Args:
       config: e.g. ``config.model`` of an `ml_collections.ConfigDict`, or any namespace.
@@ -127,41 +141,20 @@ def build_model(config, rngs: nnx.Rngs | int) -> EarlyFramesNet:
     """
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
-    kind = _get(config, "kind")
+    kind = config_value(config, "kind")
     if kind not in KINDS:
         raise ValueError(f"Model config field 'kind' must be one of {KINDS}, got {kind!r}.")
-    common = dict(
-        n_early=int(_get(config, "n_early", 22)),
-        features_per_frame=int(_get(config, "features_per_frame", 10)),
-        widths=tuple(_get(config, "widths", PAPER_WIDTHS)),
-        residual=bool(_get(config, "residual", True)),
-        head_hidden=tuple(_get(config, "head_hidden", PAPER_HEAD_HIDDEN)),
-        n_curve=int(_get(config, "curve_frames", 0)),
-        dtype=_dtype_or_none(_get(config, "dtype", None)),
-        rngs=rngs,
-    )
+    backbone = Backbone.from_config(config)
     if kind == "direct":
-        return DirectNet(n_late=int(_get(config, "n_late", 6)), **common)
-    common["init_params"] = _tuple_or_none(_get(config, "init_params", None))
-    activation = _get(config, "activation", "scaled_sigmoid")
-    parameterization = _get(config, "parameterization", "rates")
-    bounds = None
-    if activation in BOUNDED_ACTIVATIONS:
-        # The head's outputs are the rates, or (fv, K1, Vd, E, k4) with their own bounds; the
-        # log scale has its own (positive) lower bounds.
-        macro = parameterization == "macro"
-        prefix = "macro_bounds" if macro else "bounds"
-        default = (MACRO_LOWER, MACRO_UPPER) if macro else (DEFAULT_LOWER, DEFAULT_UPPER)
-        if activation == "log_scaled_sigmoid" and not macro:
-            lower = _get(config, "log_bounds_lower", None)
-            default = (LOG_LOWER, DEFAULT_UPPER)
-        else:
-            lower = _get(config, f"{prefix}_lower", None)
-        upper = _get(config, f"{prefix}_upper", None)
-        bounds = (
-            default[0] if lower is None else tuple(lower),
-            default[1] if upper is None else tuple(upper),
-        )
+        n_late = int(getattr(config, "n_late", PAPER_N_LATE))
+        return DirectNet(backbone, n_late=n_late, rngs=rngs)
+    activation = config_value(config, "activation")
+    parameterization = config_value(config, "parameterization")
     return KineticNet(
-        activation=activation, bounds=bounds, parameterization=parameterization, **common
+        backbone,
+        activation=activation,
+        bounds=_kinetic_bounds(config, activation, parameterization),
+        init_params=_tuple_or_none(config_value(config, "init_params")),
+        parameterization=parameterization,
+        rngs=rngs,
     )

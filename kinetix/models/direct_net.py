@@ -8,49 +8,34 @@ from collections.abc import Sequence
 
 from flax import nnx
 
-from kinetix.models.kinetic_net import PAPER_HEAD_HIDDEN, EarlyFramesNet
-from kinetix.models.unet import PAPER_WIDTHS
+from kinetix.models.backbone import PAPER_BACKBONE, Backbone
+from kinetix.models.kinetic_net import EarlyFramesNet
+
+PAPER_N_LATE = 6
+"""Late frames the paper's ablation predicts (35–65 min)."""
 
 
 class DirectNet(EarlyFramesNet):
     """Early frames [B, H, W, n_early] → late frames [B, H, W, n_late] (SUV), unbounded.
 
     Args:
-      n_early: input frames (paper: 22).
+      backbone: the shared architecture (`Backbone`), default the paper's.
       n_late: predicted late frames (paper: 6).
-      features_per_frame, widths, residual, head_hidden, dtype: as `KineticNet`.
       init_params: optional ``n_late`` values for the final bias (None: zero bias).
-      n_curve: extra per-example head inputs (see `EarlyFramesNet`; default 0, the paper).
       rngs: NNX random streams.
     """
 
     def __init__(
         self,
+        backbone: Backbone = PAPER_BACKBONE,
         *,
-        n_early: int = 22,
-        n_late: int = 6,
-        features_per_frame: int = 10,
-        widths: Sequence[int] = PAPER_WIDTHS,
-        residual: bool = True,
-        head_hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
+        n_late: int = PAPER_N_LATE,
         init_params: Sequence[float] | None = None,
-        n_curve: int = 0,
-        dtype=None,
         rngs: nnx.Rngs,
     ) -> None:
         if not isinstance(n_late, int) or n_late <= 0:
             raise ValueError(f"DirectNet n_late must be a positive integer, got {n_late!r}.")
         super().__init__(
-            n_early=n_early,
-            n_out=n_late,
-            features_per_frame=features_per_frame,
-            widths=widths,
-            residual=residual,
-            head_hidden=head_hidden,
-            activation="none",
-            init_params=init_params,
-            n_curve=n_curve,
-            dtype=dtype,
-            rngs=rngs,
+            backbone, n_out=n_late, activation="none", init_params=init_params, rngs=rngs
         )
         self.n_late = n_late

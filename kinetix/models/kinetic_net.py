@@ -37,7 +37,8 @@ import numpy as np
 from flax import nnx
 
 import kinetix.kinetics as kk
-from kinetix.models.unet import PAPER_WIDTHS, FrameFeatureExtractor, group_norm
+from kinetix.models.backbone import PAPER_BACKBONE, PAPER_HEAD_HIDDEN, Backbone
+from kinetix.models.unet import FrameFeatureExtractor, group_norm
 
 PARAM_NAMES = kk.PARAM_NAMES
 """Order of the 2TCM parameters on the last axis: (fv, K1, k2, k3, k4)."""
@@ -56,9 +57,6 @@ MACRO_LOWER = (0.0, 0.0, 0.05, 0.0, 0.0)
 
 MACRO_UPPER = (1.0, 2.0, 2.0, 1.0, 0.2)
 """Default upper bounds of the macro outputs: fv 1, K1 2 mL/min/mL, Vd 2 mL/mL, E 1, k4 0.2/min."""
-
-PAPER_HEAD_HIDDEN = (256, 128, 128, 64)
-"""Hidden widths of the paper's pointwise network."""
 
 ACTIVATIONS = ("scaled_sigmoid", "log_scaled_sigmoid", "hardsigmoid", "none")
 
@@ -275,56 +273,53 @@ class EarlyFramesNet(nnx.Module):
     """Shared body of `KineticNet` and `DirectNet`: per-frame U-Net features → `KineticHead`.
 
     Args:
-      n_early: number of input frames T_in (paper: 22, 0–35 min).
+      backbone: the shared architecture (`Backbone`: frames, U-Net, head widths, curve inputs,
+        dtype); default the paper's.
       n_out: outputs per voxel.
-      features_per_frame: U-Net features per frame F (paper: 10).
-      widths: U-Net widths (see `kinetix.models.unet.UNet`).
-      residual: residual `DoubleConv` blocks (paper text) or not (authors' code).
-      head_hidden: hidden widths of the head.
       activation, bounds, init_params: see `KineticHead`.
-      n_curve: extra per-example head inputs C (default 0, the paper): a vector [B, C] passed
-        as ``curve`` to the call, the same for every voxel of the example, concatenated to the
-        U-Net features before the head (kinetix uses the subject's plasma input, one mean per
-        frame: `kinetix.training.curve_features`).
-      dtype: computation dtype.
       rngs: NNX random streams.
     """
 
     def __init__(
         self,
+        backbone: Backbone = PAPER_BACKBONE,
         *,
-        n_early: int,
         n_out: int,
-        features_per_frame: int = 10,
-        widths: Sequence[int] = PAPER_WIDTHS,
-        residual: bool = True,
-        head_hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
         activation: str = "scaled_sigmoid",
         bounds: tuple[Sequence[float], Sequence[float]] | None = None,
         init_params: Sequence[float] | None = None,
-        n_curve: int = 0,
-        dtype=None,
         rngs: nnx.Rngs,
     ) -> None:
-        if not isinstance(n_early, int) or n_early <= 0:
-            raise ValueError(f"n_early must be a positive integer, got {n_early!r}.")
-        if not isinstance(n_curve, int) or n_curve < 0:
-            raise ValueError(f"n_curve must be an integer >= 0, got {n_curve!r}.")
-        self.n_early = n_early
-        self.n_curve = n_curve
+        if not isinstance(backbone, Backbone):
+            raise ValueError(f"backbone must be a kinetix.models.Backbone, got {backbone!r}.")
+        self.backbone = backbone
         self.features = FrameFeatureExtractor(
-            features_per_frame, widths, residual, dtype=dtype, rngs=rngs
+            backbone.features_per_frame,
+            backbone.widths,
+            backbone.residual,
+            dtype=backbone.dtype,
+            rngs=rngs,
         )
         self.head = KineticHead(
-            n_early * features_per_frame + n_curve,
-            head_hidden,
+            backbone.head_inputs,
+            backbone.head_hidden,
             n_out,
             activation=activation,
             bounds=bounds,
             init_params=init_params,
-            dtype=dtype,
+            dtype=backbone.dtype,
             rngs=rngs,
         )
+
+    @property
+    def n_early(self) -> int:
+        """Input frames (``backbone.n_early``)."""
+        return self.backbone.n_early
+
+    @property
+    def n_curve(self) -> int:
+        """Extra per-example head inputs (``backbone.n_curve``)."""
+        return self.backbone.n_curve
 
     def __call__(self, frames_early: jax.Array, curve: jax.Array | None = None) -> jax.Array:
         """[B, H, W, n_early] SUV frames (and [B, n_curve] ``curve``) -> [B, H, W, n_out]."""
@@ -373,8 +368,9 @@ class KineticNet(EarlyFramesNet):
     """Paper's network: early frames [B, H, W, n_early] → 2TCM parameters [B, H, W, 5].
 
     Output last axis: (fv, K1 [mL/min/mL], k2, k3, k4 [1/min]), bounded by ``activation``.
-    Keyword arguments as `EarlyFramesNet` (without ``n_out``, which is 5); defaults are the
-    paper's sizes with kinetix's scaled-sigmoid bounds.
+    The architecture is ``backbone`` (default: the paper's sizes); the other arguments are the
+    head's own (``activation``, ``bounds``, ``init_params``: see `KineticHead`), with kinetix's
+    scaled-sigmoid bounds by default.
 
     ``parameterization``: ``'rates'`` (the paper) bounds the head's outputs as the rates
     themselves; ``'macro'`` (kinetix option) has the head output (fv, K1, Vd, E, k4) within
@@ -387,18 +383,12 @@ class KineticNet(EarlyFramesNet):
 
     def __init__(
         self,
+        backbone: Backbone = PAPER_BACKBONE,
         *,
-        n_early: int = 22,
-        features_per_frame: int = 10,
-        widths: Sequence[int] = PAPER_WIDTHS,
-        residual: bool = True,
-        head_hidden: Sequence[int] = PAPER_HEAD_HIDDEN,
         activation: str = "scaled_sigmoid",
         bounds: tuple[Sequence[float], Sequence[float]] | None = None,
         init_params: Sequence[float] | None = None,
-        n_curve: int = 0,
         parameterization: str = "rates",
-        dtype=None,
         rngs: nnx.Rngs,
     ) -> None:
         if activation == "none":
@@ -422,17 +412,11 @@ class KineticNet(EarlyFramesNet):
             init_params = to_outputs(init_params)
         self.parameterization = parameterization
         super().__init__(
-            n_early=n_early,
+            backbone,
             n_out=len(PARAM_NAMES),
-            features_per_frame=features_per_frame,
-            widths=widths,
-            residual=residual,
-            head_hidden=head_hidden,
             activation=activation,
             bounds=bounds,
             init_params=init_params,
-            n_curve=n_curve,
-            dtype=dtype,
             rngs=rngs,
         )
 

@@ -1,6 +1,6 @@
 """BIDS-PET reading, validation and writing (the only place where seconds become minutes).
 
-Layout (see shared/design/ARCHITECTURE.md, "BIDS-PET files")::
+Layout (docs/conventions.md, "BIDS-PET files")::
 
     ROOT/dataset_description.json
     ROOT/participants.tsv (+ .json)                      participant_id, weight (kg), ...

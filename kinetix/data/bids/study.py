@@ -1,7 +1,7 @@
 """BIDS-PET vocabulary shared by the readers and writers of `kinetix.data.bids`.
 
 Unit and radionuclide tables, `BidsError`, the in-memory `Study`, and the small JSON / TSV parsers
-and validators that `bids_read`, `bids_write` and `bids_truth` build on. Import these names from
+and validators that `read`, `write` and `truth` build on. Import these names from
 `kinetix.data.bids`, which re-exports the public ones.
 """
 
@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from kinetix.kinetics.frames import F18_DECAY_CONSTANT, F18_HALF_LIFE_MIN, FrameSchedule
+from kinetix.kinetics.input_function import SampledInput
 
 IMAGE_UNITS = {
     "Bq/mL": 1.0,
@@ -124,16 +125,12 @@ class Study:
 
     def plasma_input(self):
         """The plasma curve as `kk.SampledInput(plasma_times [min], plasma [SUV])`."""
-        from kinetix.kinetics.input_function import SampledInput
-
         return SampledInput(self.plasma_times, self.plasma)
 
     def blood_input(self):
         """The whole-blood curve as `kk.SampledInput` (min, SUV), or None when not measured."""
         if self.whole_blood is None:
             return None
-        from kinetix.kinetics.input_function import SampledInput
-
         return SampledInput(self.plasma_times, self.whole_blood)
 
 

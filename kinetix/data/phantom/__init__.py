@@ -33,17 +33,17 @@ Pipeline (`simulate_subject`):
    Poisson sinograms with randoms + scatter, OSEM, PSF post-filter) or `"none"`.
 
 Count levels (projection noise): the scale is the scan's total, 20 M prompts per slice at the
-reference dose (KINETICS.md), honoured exactly. The per-frame figures quoted beside it there
-(1.5–1.8 M in a 300-s late frame) then come out lower for the late frames: at the reference
-dose the ten 300-s frames get ≈ 1.6–1.7 M (15–20 min) falling to ≈ 1.35 M (35–40 min) and
+reference dose (docs/conventions.md, "Simulator"), honoured exactly. The per-frame figures quoted
+beside it there (1.5–1.8 M in a 300-s late frame) then come out lower for the late frames: at the
+reference dose the ten 300-s frames get ≈ 1.6–1.7 M (15–20 min) falling to ≈ 1.35 M (35–40 min) and
 ≈ 1.15 M (60–65 min), because in a thorax slice the activity falls with the blood curve (a brain
-slice's rises), so each 35–65-min frame holds ≈ 6 % of the scan's counts, not 8 %. Both
-figures cannot hold for thorax kinetics; the total is kept as the anchor (it sets the noise of
-the whole scan), and `counts_per_slice` ≈ 27e6 puts the 35–65-min frames at ≈ 1.6–1.8 M for
-anyone who prefers that anchor.
+slice's rises), so each 35–65-min frame holds ≈ 6 % of the scan's counts, not 8 %. Both figures
+cannot hold for thorax kinetics; the total is kept as the anchor (it sets the noise of the whole
+scan), and `counts_per_slice` ≈ 27e6 puts the 35–65-min frames at ≈ 1.6–1.8 M for anyone who prefers
+that anchor.
 
-True Ki (ARCHITECTURE.md): ki_true = (1 − fv)·K1·k3/(k2 + k3)·fraction, the uptake that Patlak
-on the noise-free voxel curve estimates up to Patlak's own bias (k4 > 0, early t*).
+True Ki (docs/conventions.md, "Simulator"): ki_true = (1 − fv)·K1·k3/(k2 + k3)·fraction, the uptake
+that Patlak on the noise-free voxel curve estimates up to Patlak's own bias (k4 > 0, early t*).
 
 Units: time in minutes, activity in SUV (g/mL), lengths in mm. Arrays are `[X, Y, Z(, T)]` in
 RAS voxel order: axis 0 runs from the patient's right to left, axis 1 from posterior to

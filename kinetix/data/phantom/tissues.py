@@ -22,9 +22,9 @@ from kinetix.data.phantom.anatomy import (
 from kinetix.data.phantom.config import SimulationConfig
 
 TISSUES = {
-    # name: (fv, K1, k2, k3, k4). Source: the XCAT table of shared/reference/KINETICS.md, with
-    # the changes noted; with the default input these give late (60 min) SUVs of about
-    # soft 0.8, muscle 1.1, lung tissue 2.6 (voxel ≈ 0.6), liver 2.8, marrow 1.8, myocardium 4.
+    # name: (fv, K1, k2, k3, k4). Source: the XCAT-based table of docs/conventions.md ("Simulator"),
+    # with the changes noted; with the default input these give late (60 min) SUVs of about soft
+    # 0.8, muscle 1.1, lung tissue 2.6 (voxel ≈ 0.6), liver 2.8, marrow 1.8, myocardium 4.
     "soft_tissue": (0.029, 0.047, 0.325, 0.015, 0.0),  # XCAT k3 0.084 gives SUV 2.4: too hot
     "muscle": (0.019, 0.035, 0.15, 0.015, 0.0),  # resting muscle; XCAT (Ki 0.083) gives SUV 19
     "lung": (0.151, 0.114, 0.291, 0.025, 0.0),  # tissue level (× fraction); XCAT k3 0.036

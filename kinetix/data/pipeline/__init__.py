@@ -7,7 +7,7 @@ dynamic PET studies. This module turns a cohort into fixed-shape NumPy batches::
     split = split_subjects(cohort.subjects, seed=0)   # subject-level: no slice leakage
     it = slice_dataset(cohort, split["train"], batch_size=8, seed=0)
     batch = next(it)                                   # dict of NumPy arrays, see below
-    state = it.get_state(); ...; it.set_state(state)   # or checkpoint it (kinetix.checkpoint)
+    state = it.get_state(); ...; it.set_state(state)   # kinetix.training.checkpoint saves it
 
 A batch (and `Cohort.slice`, without the leading B) holds
 
@@ -44,10 +44,19 @@ convert each study once to an uncompressed ``.npy`` and open it with
 ``np.load(..., mmap_mode="r")`` (a slice then costs one strided read), or raise `cache_size`
 when RAM allows. (Not implemented here.)
 
-The implementation is split into `curves` (input curves, body mask), `cohort` (`Cohort`,
-`split_subjects`) and `dataset` (grain datasets and batches); every name is re-exported here.
+The implementation is split into `curves` (input curves, body mask), `batch` (the one batch
+builder: `input_curves`, `slice_example`, and `volume_batches`, the network input of prediction),
+`cohort` (`Cohort`, `split_subjects`) and `dataset` (grain datasets and batches); every name is
+re-exported here.
 """
 
+from kinetix.data.pipeline.batch import (
+    BATCH_KEYS,
+    input_curves,
+    slice_example,
+    stack_examples,
+    volume_batches,
+)
 from kinetix.data.pipeline.cohort import (
     DEFAULT_CACHE_SIZE,
     SCHEDULE_ATOL_MIN,
@@ -67,6 +76,7 @@ from kinetix.data.pipeline.curves import (
 from kinetix.data.pipeline.dataset import eval_batches, slice_dataset
 
 __all__ = [
+    "BATCH_KEYS",
     "DEFAULT_CACHE_SIZE",
     "DEFAULT_INPUT_POINTS",
     "DEFAULT_MASK_THRESHOLD",
@@ -76,9 +86,13 @@ __all__ = [
     "body_mask",
     "compress_curve",
     "eval_batches",
+    "input_curves",
     "interpolation_error",
     "pad_curve",
     "slice_dataset",
+    "slice_example",
     "split_subjects",
+    "stack_examples",
     "time_average",
+    "volume_batches",
 ]

@@ -18,13 +18,12 @@ import numpy as np
 from kinetix.data import bids
 from kinetix.data.bids import Study
 from kinetix.data.bids.read import read_schedule
+from kinetix.data.pipeline.batch import input_curves, slice_example
 from kinetix.data.pipeline.curves import (
     DEFAULT_INPUT_POINTS,
     DEFAULT_MASK_THRESHOLD,
     MASK_PERCENTILE,
     body_mask,
-    compress_curve,
-    pad_curve,
     time_average,
 )
 from kinetix.kinetics.frames import FrameSchedule
@@ -298,11 +297,7 @@ class Cohort:
             raise ValueError(f"input_points must be >= 2, got {input_points}.")
         key = (subject, input_points)
         if key not in self._curves:
-            st = self.study(subject)
-            blood = st.plasma if st.whole_blood is None else st.whole_blood
-            t, v = compress_curve(st.plasma_times, np.stack([st.plasma, blood]), input_points)
-            t, v = pad_curve(t, v, input_points)
-            out = (t.astype(np.float32), v[0].astype(np.float32), v[1].astype(np.float32))
+            out = input_curves(self.study(subject), input_points)
             for a in out:
                 a.setflags(write=False)
             self._curves[key] = out
@@ -334,17 +329,8 @@ class Cohort:
         mask = body_mask(
             time_average(frames, self.schedule), self.mask_reference(subject), mask_threshold
         )
-        times, plasma, blood = self.curves(subject, input_points)
-        return {
-            "frames": frames,
-            "mask": mask,
-            "plasma_times": times,
-            "plasma": plasma,
-            "whole_blood": blood,
-            "subject": np.int32(self._index[subject]),
-            "slice": np.int32(z),
-            "valid": np.float32(1.0),
-        }
+        curves = self.curves(subject, input_points)
+        return slice_example(frames, mask, curves, self._index[subject], z)
 
     def records(self, subjects: Sequence[str]) -> list[tuple[int, int]]:
         """(subject index, z) for every slice of `subjects`, in the given order, then z."""

@@ -8,19 +8,9 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
+from kinetix.data.pipeline.batch import stack_examples
 from kinetix.data.pipeline.cohort import Cohort
 from kinetix.data.pipeline.curves import DEFAULT_INPUT_POINTS, DEFAULT_MASK_THRESHOLD
-
-_BATCH_KEYS = (
-    "frames",
-    "mask",
-    "plasma_times",
-    "plasma",
-    "whole_blood",
-    "subject",
-    "slice",
-    "valid",
-)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,9 +102,10 @@ def slice_dataset(
 
     Returns:
       A `grain.DatasetIterator` of batch dicts (module docstring) with `get_state()` /
-      `set_state(state)` (a JSON-able dict), checkpointed by `kinetix.checkpoint.Checkpointer`.
-      Restoring needs the same `shard_count` and pipeline arguments. Call `close()` on it when
-      done (it stops prefetch threads and worker processes).
+      `set_state(state)` (a JSON-able dict), checkpointed by
+      `kinetix.training.checkpoint.Checkpointer`. Restoring needs the same `shard_count` and
+      pipeline arguments. Call `close()` on it when done (it stops prefetch threads and worker
+      processes).
     """
     _check_common(batch_size, input_points, mask_threshold)
     if isinstance(subjects, str):
@@ -217,4 +208,4 @@ def _eval_generator(cohort, records, batch_size, input_points, mask_threshold, i
             template = examples[-1] if examples else read(records[start])
             pad = dict(template, valid=np.float32(0.0))
             examples.extend([pad] * (batch_size - n_real))
-        yield {k: np.stack([ex[k] for ex in examples]) for k in _BATCH_KEYS}
+        yield stack_examples(examples)

@@ -1,4 +1,4 @@
-"""Run provenance: what ran, from which code, with which config, on what (STYLE.md item 20).
+"""Run provenance: what ran, from which code, with which config, on what .
 
 At the start of a run process 0 writes two files into the workdir::
 

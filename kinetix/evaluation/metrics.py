@@ -4,7 +4,7 @@ Liang et al. (2023) score every 2-D test slice of a Ki (or SUV) map with scikit-
 (`skimage.metrics`): `structural_similarity` with its defaults, `peak_signal_noise_ratio`,
 `normalized_root_mse` (reported as "RMSE") and `normalized_mutual_information` with 100 bins,
 after clipping prediction and reference to [0, max(reference slice)] and with
-data_range = max(reference slice) (see shared/reference/AUTHORS_CODE.md, "Evaluation").
+data_range = max(reference slice) (docs/conventions.md, "Evaluation metrics").
 
 This module re-implements those functions in JAX so that they run under `jax.jit` and
 `jax.vmap` (over slices) and give scikit-image's values (checked in tests/test_metrics.py to

@@ -11,7 +11,7 @@ One checkpoint per saved step under ``directory/<step>/`` with two items:
   so it records exactly the batches consumed so far, and it can only be restored with the same
   process count (and the same pipeline arguments).
 
-Usage (training loop, see STYLE.md items 16–19)::
+Usage (the training loop)::
 
     with Checkpointer(workdir / "checkpoints", save_interval_steps=500) as ckpt:
         restored = ckpt.restore_latest(jax.eval_shape(init_state), data_iterator=it)

@@ -1,28 +1,87 @@
-"""Tables and statistics of the held-out evaluation (`kinetix.evaluate`).
+"""Tables and statistics of the evaluation: which methods each table compares, summaries.
 
-Tumour ROIs (`tumour_rois`) and Bland–Altman agreement (`bland_altman`, `bland_altman_groups`),
-per-slice metric summaries (`summarize`, `summarize_table`), per-tissue means and biases against
-the simulation's truth (`add_label_sums`, `tissue_bias`), the evaluation conventions written to
-metrics.json and report.md (`conventions`), strict-JSON conversion and the per-slice CSV.
+`TABLES` and `table_methods` (the comparisons of metrics.json, their rows derived from the
+available Ki routes and predictions), tumour ROIs (`tumour_rois`) and Bland–Altman agreement
+(`bland_altman`, `bland_altman_groups`), per-slice metric summaries (`summarize`,
+`summarize_table`), per-tissue means and biases against the simulation's truth
+(`add_label_sums`, `tissue_bias`), strict-JSON conversion (`as_json`) and the per-slice CSV.
 """
 
 import csv
+import dataclasses
 import math
 import pathlib
 
 import numpy as np
 
-from kinetix import metrics as km
-from kinetix.evaluate_ki import KiWindows
+from kinetix.evaluation import metrics as km
 
 HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "nrmse": False, "nmi": True, "ms_ssim": True}
-"""Direction of improvement of each metric in `kinetix.metrics.METRIC_NAMES`."""
+"""Direction of improvement of each metric in `metrics.METRIC_NAMES`."""
 
 ROI_MIN_SIDE = 3
 """Tumour ROIs cover at least this square (voxels) around the tumour centroid."""
 
 LOA_Z = 1.96
 """Bland–Altman limits of agreement: bias ± LOA_Z · SD."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparisons
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """One comparison of metrics.json.
+
+    Attributes:
+      kind: "ki" (rows are Ki routes) or "suv" (rows are predictions' last frames).
+      reference: the name metrics.json gives the reference.
+      ref_map: the key of the reference map among the batch's Ki (or SUV) maps.
+      baseline: the row the relative changes refer to (None: none).
+      needs_truth: the table exists only when the cohort has a ground truth.
+      rows: extra rows before the predictions (SUV tables).
+    """
+
+    kind: str
+    reference: str
+    ref_map: str
+    baseline: str | None
+    needs_truth: bool = False
+    rows: tuple[str, ...] = ()
+
+
+TABLES = {
+    "ki_vs_reference": TableSpec("ki", "reference", "reference", "baseline"),
+    "ki_vs_truth": TableSpec("ki", "truth", "truth", "baseline", needs_truth=True),
+    "suv_last_frame": TableSpec("suv", "measured", "measured", None),
+    "suv_last_frame_vs_truth": TableSpec(
+        "suv", "noisefree", "truth", "measured", needs_truth=True, rows=("measured",)
+    ),
+}
+"""The comparisons, in report order."""
+
+
+def table_methods(routes, predictions, has_truth: bool) -> dict[str, list[str]]:
+    """{table: rows} of the comparisons that can be made.
+
+    Args:
+      routes: the available Ki routes (`routes.available_routes`), in order.
+      predictions: names of the available predictions ("proposed", maybe "direct").
+      has_truth: whether the cohort has a ground truth.
+
+    Returns:
+      Ki tables: every available route but the table's reference; SUV tables: `rows`, then
+      every prediction's last frame.
+    """
+    out = {}
+    for name, spec in TABLES.items():
+        if spec.needs_truth and not has_truth:
+            continue
+        if spec.kind == "ki":
+            out[name] = [r.name for r in routes if r.name != spec.ref_map]
+        else:
+            out[name] = [*spec.rows, *predictions]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +179,44 @@ def bland_altman(method, reference) -> dict:
         "loa_low": bias - LOA_Z * sd,
         "loa_high": bias + LOA_Z * sd,
     }
+
+
+def bland_altman_groups(rois: list[dict], roi_voxels: dict, methods) -> dict:
+    """Bland–Altman of every method against the reference and against the truth.
+
+    Args:
+      rois: ROI records with "ki": {method: ROI-mean Ki}.
+      roi_voxels: {method: list of [n_voxels] Ki arrays, one per ROI, same order}.
+      methods: the Ki maps available (including "reference" and maybe "truth").
+
+    Returns:
+      {"vs_reference": {method: {"roi_mean": stats, "voxel": stats}}, "vs_truth": ...}
+      (empty without ROIs); stats as `bland_altman`.
+    """
+    ba = {}
+    if not rois:
+        return ba
+    for ref_name in ("reference", "truth"):
+        if ref_name not in methods:
+            continue
+        group = {}
+        for m in methods:
+            if m == ref_name:
+                continue
+            a = np.array([r["ki"][m] for r in rois])
+            b = np.array([r["ki"][ref_name] for r in rois])
+            va, vb = np.concatenate(roi_voxels[m]), np.concatenate(roi_voxels[ref_name])
+            group[m] = {"roi_mean": bland_altman(a, b), "voxel": bland_altman(va, vb)}
+        ba[f"vs_{ref_name}"] = group
+    return ba
+
+
+ROI_NOTE = (
+    "Tumour ROIs (2-D adaptation of the paper's 10x10x10-voxel ROI): every 8-connected region "
+    "of a tumour label of the truth label map in a slice, united with the 3x3 square centred "
+    "on its centroid (so a one-voxel nodule gives a 3x3 ROI); ROI value = mean Ki over the ROI "
+    "voxels of the masked Ki map. All ROIs of all evaluated slices are pooled."
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,14 +347,14 @@ def summarize_table(per_slice: dict, baseline: str | None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Metrics files
 # ----------------------------------------------------------------------------------------------
-def _as_json(obj):
+def as_json(obj):
     """NumPy → Python; non-finite floats → None (strict JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _as_json(v) for k, v in obj.items()}
+        return {str(k): as_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_as_json(v) for v in obj]
+        return [as_json(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _as_json(obj.tolist())
+        return as_json(obj.tolist())
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
@@ -269,103 +366,8 @@ def _as_json(obj):
     return obj
 
 
-def conventions(windows: KiWindows, mask_threshold: float, roi_note: str) -> dict:
-    """The exact evaluation conventions, as sentences (metrics.json and report.md)."""
-    f = windows.frame_numbers()
-
-    def span(nums):
-        return f"frames {nums[0]}-{nums[-1]}" if nums else "no frames"
-
-    s = windows.schedule
-    return {
-        "per_slice": "Every metric is computed per 2-D axial slice and averaged over slices "
-        "(kinetix.metrics.batch_slice_metrics); slices whose metric is NaN (e.g. an all-zero "
-        "reference slice, max <= 0) are skipped and counted as n_nan.",
-        "clipping": "Reference and method slices are clipped to [0, max(reference slice)] "
-        "and data_range = max(reference slice), as in the authors' code.",
-        "ssim": "SSIM with scikit-image defaults: 7x7 uniform window, sample covariance "
-        "(N-1), K1 = 0.01, K2 = 0.03, mean over the interior (3-pixel border cropped).",
-        "psnr": "PSNR = 10 log10(data_range^2 / MSE) in dB; identical slices give +inf "
-        "(counted as n_inf; the mean is then +inf).",
-        "nrmse": "NRMSE = ||ref - pred||_2 / ||ref||_2 (scikit-image normalized_root_mse, "
-        "'euclidean'); the paper calls it RMSE.",
-        "nmi": "NMI = (H(A) + H(B)) / H(A, B) with a 100 x 100-bin joint histogram "
-        "(scikit-image normalized_mutual_information, bins=100).",
-        "ms_ssim": "MS-SSIM (extra, not in the authors' code): 7x7 uniform window, "
-        "Wang et al. 2003 weights renormalised over the scales that fit the slice.",
-        "mask": "Ki and SUV maps (every method, the reference and the truth) are multiplied by "
-        "the body mask before metrics: Ki outside the body is 0. Body mask = duration-weighted "
-        f"mean SUV above {mask_threshold:g} x the subject's 99th percentile "
-        "(kinetix.data.pipeline.body_mask).",
-        "patlak": "Patlak convention of TPCCLIB: x = integral of Cp from 0 to the frame "
-        "mid-time / frame-mean Cp, y = frame value / frame-mean Cp; frames enter a fit when "
-        f"their mid-time lies in the window; {windows.method} line fit per voxel; plasma "
-        "input = the subject's sampled plasma curve (piecewise linear).",
-        "reference": f"Reference = 65-min Patlak on the measured frames with mid-time >= "
-        f"{windows.t_star:g} min ({span(f['reference'])}).",
-        "baseline": f"Baseline = 30-min Patlak on the measured frames with mid-time in "
-        f"[{windows.t_star:g}, {windows.baseline_t_end:g}] min ({span(f['baseline'])}).",
-        "proposed": f"Proposed = Patlak ({span(f['proposed'])}) on measured "
-        f"{span(f['proposed_measured'])} followed by predicted {span(f['proposed_predicted'])} "
-        f"(the prediction replaces every frame >= {windows.n_early + 1}).",
-        "proposed_late": "Authors' variant = Patlak on the predicted frames only "
-        f"({span(f['proposed_late'])}, t* = {windows.late_t_star:g} min).",
-        "direct": "Direct ablation = the no-model network's late frames spliced like the "
-        "proposed method, then the same Patlak fit.",
-        "direct_late": "Direct ablation, authors' variant = Patlak on the no-model network's "
-        f"predicted frames only ({span(f['proposed_late'])}), as for the kinetic network.",
-        "truth": "True Ki = the simulator's voxel-level Ki (derivatives/truth), compared "
-        "against the reference as an extra row and used as a second reference.",
-        "suv": f"SUV metrics on the last frame ({s.n_frames}, {s.start[-1]:g}-{s.end[-1]:g} min):"
-        " predicted vs measured (and vs the noise-free truth when simulated), same conventions.",
-        "rois": roi_note,
-        "bland_altman": "Bland-Altman: difference = method - reference, bias = mean "
-        "difference, 95 % limits of agreement = bias +- 1.96 SD (ddof = 1); per ROI mean Ki "
-        "(primary) and pooled ROI voxels (paper-style).",
-        "json": "Non-finite numbers (e.g. PSNR = +inf) are written as null in metrics.json; "
-        "n_inf and n_nan count them.",
-    }
-
-
-def bland_altman_groups(rois: list[dict], roi_voxels: dict, methods) -> dict:
-    """Bland–Altman of every method against the reference and against the truth.
-
-    Args:
-      rois: ROI records with "ki": {method: ROI-mean Ki}.
-      roi_voxels: {method: list of [n_voxels] Ki arrays, one per ROI, same order}.
-      methods: the Ki maps available (including "reference" and maybe "truth").
-
-    Returns:
-      {"vs_reference": {method: {"roi_mean": stats, "voxel": stats}}, "vs_truth": ...}
-      (empty without ROIs); stats as `bland_altman`.
-    """
-    ba = {}
-    if not rois:
-        return ba
-    for ref_name in ("reference", "truth"):
-        if ref_name not in methods:
-            continue
-        group = {}
-        for m in methods:
-            if m == ref_name:
-                continue
-            a = np.array([r["ki"][m] for r in rois])
-            b = np.array([r["ki"][ref_name] for r in rois])
-            va, vb = np.concatenate(roi_voxels[m]), np.concatenate(roi_voxels[ref_name])
-            group[m] = {"roi_mean": bland_altman(a, b), "voxel": bland_altman(va, vb)}
-        ba[f"vs_{ref_name}"] = group
-    return ba
-
-
-ROI_NOTE = (
-    "Tumour ROIs (2-D adaptation of the paper's 10x10x10-voxel ROI): every 8-connected region "
-    "of a tumour label of the truth label map in a slice, united with the 3x3 square centred "
-    "on its centroid (so a one-voxel nodule gives a 3x3 ROI); ROI value = mean Ki over the ROI "
-    "voxels of the masked Ki map. All ROIs of all evaluated slices are pooled."
-)
-
-
-def _write_per_slice_csv(path, per_slice, subj, slc) -> None:
+def write_per_slice_csv(path, per_slice: dict, subj, slc) -> None:
+    """per_slice.csv: one row per table, method and slice (subject [N], slice [N] ids)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["table", "method", "subject", "slice", *km.METRIC_NAMES])

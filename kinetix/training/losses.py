@@ -12,8 +12,8 @@ by default the reference 65-min Patlak Ki of the measured frames ("reference"), 
 the predicted curve itself ("prediction", gradient stopped). Patlak coordinates follow
 `kinetix.kinetics.patlak_x` (∫ to the frame mid-time over the frame-mean Cp).
 
-`paper_faithful_loss` is what the authors' code optimises instead (shared/reference/
-AUTHORS_CODE.md): in Patlak coordinates on the frames with t ≥ t*, against the reference Patlak
+`paper_faithful_loss` is what the authors' code optimises instead (their public training script;
+docs/conventions.md): in Patlak coordinates on the frames with t ≥ t*, against the reference Patlak
 *line* y_line = Ki·x + V0,  10·huber_δ(y, y_line) + huber_δ(Δ(10·y), Δ(10·y_line)), δ = 20.
 
 All means are weighted by a body mask `[B, H, W]`, so the background never enters the loss.
@@ -25,16 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kinetix.kinetics as kk
-
-
-def splice(measured, predicted, n_early: int):
-    """Measured frames [..., :n_early] followed by predicted frames [..., n_early:] ([..., T]).
-
-    The series the proposed Ki is fitted on (and, with `loss.patlak_frames = 'splice'`, the
-    Patlak term's); NumPy in, NumPy out; JAX arrays (or tracers) in, JAX out.
-    """
-    xp = jnp if isinstance(measured, jax.Array) or isinstance(predicted, jax.Array) else np
-    return xp.concatenate([measured[..., :n_early], predicted[..., n_early:]], axis=-1)
+from kinetix.maps.patlak import batch_patlak, expand_batch, patlak_y
 
 
 def huber(residual, delta: float):
@@ -52,29 +43,6 @@ def masked_mean(values, mask):
     return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def patlak_coordinates(inputs, schedule: kk.FrameSchedule, decay_constant: float = 0.0):
-    """Batched Patlak abscissa x [B, T] and frame-mean plasma cp [B, T] for batched inputs."""
-    return jax.vmap(lambda i: kk.patlak_x(i, schedule, decay_constant))(inputs)
-
-
-def _expand(v, ndim):
-    """[B, T] -> [B, 1, 1, T] (explicit broadcasting over H, W)."""
-    return jnp.reshape(v, (v.shape[0],) + (1,) * (ndim - 2) + (v.shape[-1],))
-
-
-def patlak_y(frames, cp):
-    """y = frames / Cp per frame (0 where Cp = 0). frames [B,H,W,T], cp [B,T]."""
-    cp = _expand(cp, frames.ndim)
-    pos = cp > 0
-    return jnp.where(pos, frames / jnp.where(pos, cp, 1.0), 0.0)
-
-
-def reference_patlak(frames, x, cp, idx, method: str = "ols"):
-    """Voxelwise Patlak (Ki, V0) [B, H, W] from frames [B,H,W,T] on frame indices `idx`."""
-    y = patlak_y(frames[..., idx], cp[:, idx])
-    return kk.fit_line(_expand(x[:, idx], frames.ndim), y, method=method)
-
-
 def suv_loss(pred_late, true_late, mask, delta: float):
     """Huber on the late SUV frames, averaged over frames and body voxels."""
     return masked_mean(huber(pred_late - true_late, delta), mask)
@@ -84,7 +52,7 @@ def patlak_difference_loss(pred_frames, slope, x, cp, idx, mask, delta: float):
     """The paper's Eq. 9: Huber between Δy of the prediction and K·Δx, on frames `idx`."""
     y = patlak_y(pred_frames[..., idx], cp[:, idx])
     dy = y[..., 1:] - y[..., :-1]
-    dx = _expand(x[:, idx], pred_frames.ndim)
+    dx = expand_batch(x[:, idx], pred_frames.ndim)
     target = slope[..., None] * (dx[..., 1:] - dx[..., :-1])
     return masked_mean(huber(dy - target, delta), mask)
 
@@ -130,15 +98,15 @@ def paper_loss(
     """
     l_suv = suv_loss(pred_frames[..., late_idx], batch_frames[..., late_idx], mask, delta)
     src = batch_frames if slope_source == "reference" else pred_frames
-    slope, _ = reference_patlak(jax.lax.stop_gradient(src), x, cp, linear_idx)
+    slope, _ = batch_patlak(jax.lax.stop_gradient(src), x, cp, linear_idx)
     l_diff = patlak_difference_loss(pred_frames, slope, x, cp, linear_idx, mask, delta)
     return l_suv + lam * l_diff, {"loss_suv": l_suv, "loss_patlak": l_diff}
 
 
 def paper_faithful_loss(pred_frames, batch_frames, mask, x, cp, *, linear_idx, delta=20.0):
     """The authors' code: 10·huber(y, y_line) + huber(Δ(10y), Δ(10 y_line)) on t ≥ t*."""
-    ki, v0 = reference_patlak(jax.lax.stop_gradient(batch_frames), x, cp, linear_idx)
-    xs = _expand(x[:, linear_idx], pred_frames.ndim)
+    ki, v0 = batch_patlak(jax.lax.stop_gradient(batch_frames), x, cp, linear_idx)
+    xs = expand_batch(x[:, linear_idx], pred_frames.ndim)
     y_line = ki[..., None] * xs + v0[..., None]
     y = patlak_y(pred_frames[..., linear_idx], cp[:, linear_idx])
     l_pt = masked_mean(huber(y - y_line, delta), mask)

@@ -1,0 +1,258 @@
+"""Voxelwise Patlak Ki and V0 maps of a BIDS-PET scan, read from disk and written back.
+
+`patlak_study` is what `python -m kinetix.parametric` does: read the study (`kinetix.data.bids`),
+choose the fit frames (mid-time in [t*, t_end], TPCCLIB's rule), mask the body
+(`kinetix.maps.volume_mask`, rule "filled" by default), fit Patlak in chunks inside the mask
+(`kinetix.maps.volume_patlak`), and write `<stem>_Ki.nii.gz` (1/min = mL/min/mL),
+`<stem>_V0.nii.gz` (mL/mL), `<stem>_mask.nii.gz` (1 inside the body mask) on the image's grid
+(affine and header kept) with `<stem>_Ki.json` (method, t*, t_end, frames used, conventions,
+version). `<stem>` is the image name without `_pet.nii.gz`, e.g. `sub-01` or `sub-01_ses-1`.
+`patlak_maps` does the same on an in-memory `Study`.
+"""
+
+import concurrent.futures
+import glob
+import importlib.metadata
+import json
+import pathlib
+import time
+
+import nibabel as nib
+import numpy as np
+from absl import logging
+
+import kinetix.kinetics as kk
+from kinetix import maps
+from kinetix.data import bids
+
+DEFAULT_MASK_THRESHOLD = 0.02
+"""Body mask (rule "filled"): fraction of the robust maximum of the mean fit-frame SUV."""
+
+DEFAULT_MASK_RULE = "filled"
+"""`kinetix.maps.mask` rule of `kinetix.parametric` (fills the lungs in-plane)."""
+
+CONVENTIONS = (
+    "Patlak plot y = C_m/Cp_m against x = (integral of Cp from injection to the frame mid-time) "
+    "/ Cp_m, with Cp_m the plain frame mean of the piecewise-linear plasma curve (TPCCLIB "
+    "imgki/patlak conventions, no decay weighting of Cp); frames enter when their mid-time lies "
+    "in [t*, t_end]; images decay-corrected to injection, activity in SUV (Ki and V0 do not "
+    "depend on the activity unit)."
+)
+
+_PROG = "kinetix.parametric"
+
+
+def patlak_maps(
+    study: bids.Study,
+    t_star: float,
+    t_end: float | None = None,
+    method: str = "ols",
+    chunk_voxels: int = maps.DEFAULT_CHUNK_VOXELS,
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    *,
+    mask_rule: str = DEFAULT_MASK_RULE,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxelwise Patlak Ki and V0 maps of a study, computed inside a body mask.
+
+    Args:
+      study: a `kinetix.data.bids.Study` (frames [X, Y, Z, T] SUV, schedule in min, plasma).
+      t_star: start of the linear phase (min): frames with mid-time >= t_star are fitted.
+      t_end: optional end (min): frames with mid-time <= t_end; default the end of the scan.
+      method: "ols" or "perpendicular" (TPCCLIB's image Patlak).
+      chunk_voxels: voxels per jitted call (memory / speed trade-off; results do not depend on
+        it).
+      mask_threshold: the body-mask rule's threshold, in [0, 1); 0 fits every voxel.
+      mask_rule: a `kinetix.maps.MASK_RULES` name ("filled": the mean of the fit frames).
+      progress: show a tqdm progress bar (stderr).
+
+    Returns:
+      (ki [X, Y, Z] float32 in 1/min, v0 [X, Y, Z] float32 in mL/mL, mask [X, Y, Z] bool).
+      Ki and V0 are 0 outside the mask.
+
+    Raises:
+      ValueError: bad method, t_star / t_end, chunk_voxels, mask rule or mask_threshold.
+    """
+    if method not in kk.METHODS:
+        raise ValueError(f"method must be one of {kk.METHODS}, got {method!r}.")
+    fit = maps.fit_frames(study.schedule, t_star, t_end)
+    if not (0.0 <= mask_threshold < 1.0):
+        raise ValueError(f"mask_threshold must lie in [0, 1), got {mask_threshold}.")
+    mask = maps.volume_mask(study.frames, study.schedule, mask_rule, mask_threshold, fit)
+    ki, v0 = maps.volume_patlak(
+        study.frames,
+        study.plasma_input(),
+        study.schedule,
+        fit,
+        mask,
+        method,
+        chunk_voxels,
+        progress=progress,
+    )
+    return ki, v0, mask
+
+
+def output_paths(pet_path, out_dir) -> dict[str, pathlib.Path]:
+    """{"ki", "v0", "mask", "json"} output paths for an image `<stem>_pet.nii[.gz]`."""
+    pet_path = pathlib.Path(pet_path)
+    name = pet_path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            stem = name[: -len(ext)]
+            break
+    else:
+        raise ValueError(f"--pet {pet_path} is not a NIfTI file (expected .nii.gz or .nii).")
+    stem = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+    out = pathlib.Path(out_dir)
+    return {
+        "ki": out / f"{stem}_Ki.nii.gz",
+        "v0": out / f"{stem}_V0.nii.gz",
+        "mask": out / f"{stem}_mask.nii.gz",
+        "json": out / f"{stem}_Ki.json",
+    }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kinetix")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _warm_up(pet, blood, t_star, t_end, method: str, chunk_voxels: int) -> None:
+    """Best effort: compiles the chunk fit while `run` reads (decompresses) the image.
+
+    Peeks at the sidecar's frame times, the plasma row count of the blood TSV and the NIfTI
+    header, i.e. at the shapes `patlak_maps` will use. Errors are left to `bids.read_subject`
+    to report; a wrong peek only costs an unused compilation.
+    """
+    try:
+        pet = pathlib.Path(pet)
+        stem = pet.name[: -len(".gz")] if pet.name.endswith(".gz") else pet.name
+        stem = stem[: -len(".nii")]
+        side = json.loads(pet.with_name(stem + ".json").read_text())
+        sched = kk.FrameSchedule.from_seconds(side["FrameTimesStart"], side["FrameDuration"])
+        fit = sched.select(float(t_star), None if t_end is None else float(t_end))
+        if blood is None:
+            prefix = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+            found = sorted(pet.parent.glob(f"{glob.escape(prefix)}_recording-*_blood.tsv"))
+            manual = [p for p in found if "_recording-manual_" in p.name]
+            blood = (manual or found)[0]
+        lines = [ln.split("\t") for ln in pathlib.Path(blood).read_text().splitlines() if ln]
+        col = [c.strip() for c in lines[0]].index("plasma_radioactivity")
+        n = sum(r[col].strip().lower() not in ("n/a", "na", "nan", "") for r in lines[1:])
+        inp = kk.SampledInput(np.arange(n, dtype=np.float32), np.zeros(n, np.float32))
+        maps.warm_up(inp, sched, fit, nib.load(pet).shape[:3], method, chunk_voxels)
+    except Exception as err:  # noqa: BLE001 - an optimisation only
+        logging.debug("%s: no warm-up compilation (%s)", _PROG, err)
+
+
+def patlak_study(
+    pet,
+    out,
+    t_star: float,
+    t_end: float | None = None,
+    method: str = "ols",
+    blood=None,
+    overwrite: bool = False,
+    chunk_voxels: int = maps.DEFAULT_CHUNK_VOXELS,
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    mask_rule: str = DEFAULT_MASK_RULE,
+    progress: bool = False,
+) -> dict[str, pathlib.Path]:
+    """Reads a BIDS-PET scan, computes `patlak_maps` and writes the maps and sidecar.
+
+    Args:
+      pet: `*_pet.nii.gz`; its `.json` sidecar is read automatically.
+      out: output directory (created).
+      t_star, t_end, method, chunk_voxels, mask_threshold, progress: as in `patlak_maps`.
+      blood: blood TSV; default the `*_recording-*_blood.tsv` next to the image.
+      overwrite: replace existing outputs; otherwise an existing output raises FileExistsError
+        before anything is read.
+
+    Returns:
+      `output_paths(pet, out)`.
+    """
+    if method not in kk.METHODS:
+        raise ValueError(f"method must be one of {kk.METHODS}, got {method!r}.")
+    if not (0.0 <= mask_threshold < 1.0):
+        raise ValueError(f"mask_threshold must lie in [0, 1), got {mask_threshold}.")
+    paths = output_paths(pet, out)
+    if not overwrite:
+        for path in paths.values():
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        warm = pool.submit(_warm_up, pet, blood, t_star, t_end, method, chunk_voxels)
+        study = bids.read_subject(pet, blood)
+        # Validate the window before the mask and the fit.
+        fit = maps.fit_frames(study.schedule, t_star, t_end)
+        t1 = time.perf_counter()
+        warm.result()
+        ki, v0, mask = patlak_maps(
+            study,
+            t_star,
+            t_end,
+            method,
+            chunk_voxels,
+            mask_threshold,
+            mask_rule=mask_rule,
+            progress=progress,
+        )
+        t2 = time.perf_counter()
+        descr = f"Patlak {method} t*={t_star:g} min"
+        outputs = (
+            ("ki", ki, f"{descr} Ki (1/min)", "Ki"),
+            ("v0", v0, f"{descr} V0 (mL/mL)", "V0"),
+            ("mask", mask.astype(np.float32), "Patlak body mask (1 inside)", "mask"),
+        )
+        writes = [
+            pool.submit(
+                bids.write_map,
+                paths[key],
+                data,
+                study,
+                description=text,
+                intent_name=intent,
+                overwrite=overwrite,
+            )
+            for key, data, text, intent in outputs
+        ]
+        for done in writes:
+            done.result()
+    sched = study.schedule
+    sidecar = {
+        "Description": "Voxelwise Patlak graphical analysis (kinetix.parametric).",
+        "Sources": [str(study.pet_path), str(study.blood_path)],
+        "Method": method,
+        "TStar": float(t_star),
+        "TEnd": float(sched.end[-1]) if t_end is None else float(t_end),
+        "TimeUnits": "min",
+        "FramesUsed": [int(i) for i in fit],
+        "FrameMidTimesUsed": [round(float(sched.mid[i]), 6) for i in fit],
+        "Conventions": CONVENTIONS,
+        "InputFunction": "plasma_radioactivity column of the blood TSV, piecewise linear",
+        "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
+        "Mask": {
+            "MaskThreshold": float(mask_threshold),
+            "RobustMaxPercentile": maps.ROBUST_MAX_PERCENTILE,
+            "Voxels": int(np.count_nonzero(mask)),
+            "RuleName": mask_rule,
+            "Rule": maps.MASK_RULE_DESCRIPTIONS[mask_rule] + "; Ki = V0 = 0 outside",
+        },
+        "SoftwareName": "kinetix",
+        "SoftwareVersion": _version(),
+    }
+    paths["json"].write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+    logging.info(
+        "%s: read %.2f s, fit %.2f s (%d mask voxels), write %.2f s -> %s",
+        _PROG,
+        t1 - t0,
+        t2 - t1,
+        sidecar["Mask"]["Voxels"],
+        time.perf_counter() - t2,
+        out,
+    )
+    return paths
