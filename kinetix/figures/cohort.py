@@ -71,65 +71,49 @@ def _upper(values, q=99.0) -> float:
     return top if top > 0 else 1.0
 
 
-def write_preview(path, subj: dict, title: str, labels: Mapping[str, int]) -> pathlib.Path:
-    """Saves a one-page PNG summary of a simulated subject (matplotlib Agg, no display).
-
-    Panels: an early (~1.25 min) and the last noisy frame of the middle slice (SUV), the true
-    Ki map, the label map, the plasma / whole-blood curves (log activity, inset: first 4 min)
-    and mean tissue curves over the whole volume (noisy frames as dots, noise-free as lines).
-
-    Args:
-      path: output `.png` (parent directories are created).
-      subj: a `kinetix.data.phantom.simulate_subject` result.
-      title: figure title (e.g. the subject id).
-      labels: label name -> value in ``subj["labels"]`` (`kinetix.data.phantom.LABELS`).
-
-    Returns:
-      `path` as a `pathlib.Path`.
-    """
-    path = pathlib.Path(path)
+def _frame_panels(fig, axes, subj: dict, where: tuple, body: np.ndarray) -> None:
+    """The early (~`PREVIEW_EARLY_MIN`) and the last noisy frame of the slice `where` (SUV)."""
     sched = subj["schedule"]
-    frames, noisefree, label_map = subj["frames"], subj["noisefree"], subj["labels"]
-    s = label_map.shape[2] // 2
-    crop = _body_box(label_map[..., s] > 0)
-    body = label_map[crop + (s,)] > 0
     early = int(np.argmin(np.abs(sched.mid - PREVIEW_EARLY_MIN)))
     late = sched.n_frames - 1
-
-    fig = Figure(figsize=(15, 8.0))  # a fixed layout: "constrained" doubles the drawing time
-    top = fig.add_gridspec(1, 4, left=0.03, right=0.925, bottom=0.52, top=0.92, wspace=0.32)
-    low = fig.add_gridspec(1, 2, left=0.05, right=0.985, bottom=0.075, top=0.44, wspace=0.16)
-    axes = [fig.add_subplot(top[0, i]) for i in range(4)]
-    for ax, k in zip(axes[:2], (early, late), strict=True):
-        img = frames[crop + (s, k)]
+    for ax, k in zip(axes, (early, late), strict=True):
+        img = subj["frames"][where + (k,)]
         _image(
             ax, fig, img,
             f"Noisy frame {k + 1}: {sched.start[k]:.3g}–{sched.end[k]:.3g} min",
             "inferno", colors.Normalize(0.0, _upper(img[body])), "SUV (g/mL)",
         )  # fmt: skip
-    ki = subj["ki_true"][crop + (s,)]
+
+
+def _ki_panel(fig, ax, ki: np.ndarray, body: np.ndarray) -> None:
+    """The true Ki slice [X, Y] (mL/min/mL) on a √ colour scale up to its maximum in `body`."""
     top_ki = _upper(ki[body], 100)
     norm = colors.PowerNorm(0.5, 0.0, top_ki)  # √ scale: shows tumours and tissue
-    cb = _image(axes[2], fig, ki, "True Ki (√ colour scale)", "viridis", norm, "Ki (mL/min/mL)")
+    cb = _image(ax, fig, ki, "True Ki (√ colour scale)", "viridis", norm, "Ki (mL/min/mL)")
     cb.set_ticks(np.linspace(0.0, 1.0, 6) ** 2 * top_ki)
     cb.ax.yaxis.set_major_formatter("{x:.2g}")
+
+
+def _label_panel(fig, ax, label_slice: np.ndarray, labels: Mapping[str, int]) -> None:
+    """The label slice [X, Y], one colour per label, named on the colour bar."""
     names = [""] * (max(labels.values()) + 1)
     for name, index in labels.items():
         names[index] = name
     cmap = colors.ListedColormap([_LABEL_COLOURS.get(n, "#808080") for n in names])
     norm = colors.BoundaryNorm(np.arange(len(names) + 1) - 0.5, len(names))
-    im = axes[3].imshow(label_map[crop + (s,)].T, origin="lower", cmap=cmap, norm=norm)
-    axes[3].set_title("Labels", fontsize=10)
-    axes[3].set_xticks([])
-    axes[3].set_yticks([])
-    cb = fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02, ticks=np.arange(len(names)))
+    im = ax.imshow(label_slice.T, origin="lower", cmap=cmap, norm=norm)
+    ax.set_title("Labels", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, ticks=np.arange(len(names)))
     cb.ax.set_yticklabels([n.replace("_", " ") for n in names], fontsize=7)
 
-    # Input functions: log activity over the scan, linear inset over the bolus.
-    ax = fig.add_subplot(low[0, 0])
+
+def _blood_panel(ax, subj: dict) -> None:
+    """Input functions: log activity over the scan, linear inset over the bolus."""
     t, cp = subj["plasma"]
     _, wb = subj["whole_blood"]
-    end = float(sched.end[-1])
+    end = float(subj["schedule"].end[-1])
     inset = ax.inset_axes([0.45, 0.42, 0.52, 0.52])
     for ax_, lw in ((ax, 1.6), (inset, 1.2)):
         ax_.plot(t, cp, color="C3", lw=lw, label="plasma (input)")
@@ -149,20 +133,27 @@ def write_preview(path, subj: dict, title: str, labels: Mapping[str, int]) -> pa
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3, which="both", lw=0.5)
 
-    # Tissue curves: mean over each label in the whole volume.
-    ax = fig.add_subplot(low[0, 1])
+
+def _tissue_curves(subj: dict, labels: Mapping[str, int]) -> list[tuple[str, np.ndarray]]:
+    """(name, [X, Y, Z] mask) of the plotted tissues, plus the nodules of the highest-Ki kind."""
+    label_map = subj["labels"]
     curves = [(n.replace("_", " "), label_map == labels[n]) for n in _TAC_TISSUES]
     tumours = sorted(subj["tumours"], key=lambda d: -d["ki"])
     if tumours:
         kind = "malignant" if tumours[0]["malignant"] else "benign"
         curves.append((f"{kind} nodules", label_map == labels[f"nodule_{kind}"]))
-    mid = sched.mid
-    for i, (name, mask) in enumerate(curves):
+    return curves
+
+
+def _tissue_panel(ax, subj: dict, labels: Mapping[str, int]) -> None:
+    """Tissue curves: mean over each label in the whole volume (log-log)."""
+    sched, mid = subj["schedule"], subj["schedule"].mid
+    for i, (name, mask) in enumerate(_tissue_curves(subj, labels)):
         if not mask.any():
             continue
         color = f"C{i}"
-        ax.plot(mid, noisefree[mask].mean(axis=0), color=color, lw=1.5, label=name)
-        ax.plot(mid, frames[mask].mean(axis=0), "o", color=color, ms=3, alpha=0.7)
+        ax.plot(mid, subj["noisefree"][mask].mean(axis=0), color=color, lw=1.5, label=name)
+        ax.plot(mid, subj["frames"][mask].mean(axis=0), "o", color=color, ms=3, alpha=0.7)
     if sched.n_frames > 22:  # the paper's split: 22 measured frames (0–35 min), then predicted
         split = float(sched.end[21])
         ax.axvline(split, color="0.4", ls="--", lw=1)
@@ -171,7 +162,7 @@ def write_preview(path, subj: dict, title: str, labels: Mapping[str, int]) -> pa
     _log_scale(ax, "x")
     _log_scale(ax, "y")
     arrived = np.nonzero(np.asarray(subj["blood_input"](sched.end)) > 0)[0]
-    ax.set_xlim(0.7 * float(mid[arrived[0] if arrived.size else 0]), 1.2 * end)
+    ax.set_xlim(0.7 * float(mid[arrived[0] if arrived.size else 0]), 1.2 * float(sched.end[-1]))
     ax.set_ylim(0.05, None)
     ax.set_xlabel("frame mid-time (min, log)")
     ax.set_ylabel("mean activity (SUV, g/mL)")
@@ -179,13 +170,49 @@ def write_preview(path, subj: dict, title: str, labels: Mapping[str, int]) -> pa
     ax.legend(loc="lower right", fontsize=8, ncol=2)
     ax.grid(alpha=0.3, which="both", lw=0.5)
 
+
+def _preview_title(subj: dict, title: str, s: int) -> str:
+    """The figure title: noise, weight, dose, the SUV factor and which slice (0-based `s`)."""
     z = float(subj["affine"][2, 3] + subj["affine"][2, 2] * s)
-    fig.suptitle(
+    return (
         f"{title}: {subj['noise']} noise, {subj['weight_kg']:.0f} kg, {subj['dose_mbq']:.0f} MBq "
         f"(1 SUV = {subj['suv_factor'] / 1e3:.2f} kBq/mL); images: slice {s + 1} of "
-        f"{label_map.shape[2]} (z = {z:.0f} mm)",
-        fontsize=11,
+        f"{subj['labels'].shape[2]} (z = {z:.0f} mm)"
     )
+
+
+def write_preview(path, subj: dict, title: str, labels: Mapping[str, int]) -> pathlib.Path:
+    """Saves a one-page PNG summary of a simulated subject (matplotlib Agg, no display).
+
+    Panels: an early (~1.25 min) and the last noisy frame of the middle slice (SUV), the true
+    Ki map, the label map, the plasma / whole-blood curves (log activity, inset: first 4 min)
+    and mean tissue curves over the whole volume (noisy frames as dots, noise-free as lines).
+
+    Args:
+      path: output `.png` (parent directories are created).
+      subj: a `kinetix.data.phantom.simulate_subject` result.
+      title: figure title (e.g. the subject id).
+      labels: label name -> value in ``subj["labels"]`` (`kinetix.data.phantom.LABELS`).
+
+    Returns:
+      `path` as a `pathlib.Path`.
+    """
+    path = pathlib.Path(path)
+    label_map = subj["labels"]
+    s = label_map.shape[2] // 2
+    where = _body_box(label_map[..., s] > 0) + (s,)  # the cropped middle slice
+    body = label_map[where] > 0
+
+    fig = Figure(figsize=(15, 8.0))  # a fixed layout: "constrained" doubles the drawing time
+    top = fig.add_gridspec(1, 4, left=0.03, right=0.925, bottom=0.52, top=0.92, wspace=0.32)
+    low = fig.add_gridspec(1, 2, left=0.05, right=0.985, bottom=0.075, top=0.44, wspace=0.16)
+    axes = [fig.add_subplot(top[0, i]) for i in range(4)]
+    _frame_panels(fig, axes[:2], subj, where, body)
+    _ki_panel(fig, axes[2], subj["ki_true"][where], body)
+    _label_panel(fig, axes[3], label_map[where], labels)
+    _blood_panel(fig.add_subplot(low[0, 0]), subj)
+    _tissue_panel(fig.add_subplot(low[0, 1]), subj, labels)
+    fig.suptitle(_preview_title(subj, title, s), fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, metadata={"Software": None})
     return path

@@ -147,6 +147,90 @@ def _warm_up(pet, blood, t_star, t_end, method: str, chunk_voxels: int) -> None:
         logging.debug("%s: no warm-up compilation (%s)", _PROG, err)
 
 
+def _check_study_args(method: str, mask_threshold: float) -> None:
+    """Checks the arguments `patlak_study` validates before reading anything."""
+    if method not in kk.METHODS:
+        raise ValueError(f"method must be one of {kk.METHODS}, got {method!r}.")
+    if not (0.0 <= mask_threshold < 1.0):
+        raise ValueError(f"mask_threshold must lie in [0, 1), got {mask_threshold}.")
+
+
+def _check_outputs_free(paths: dict[str, pathlib.Path], overwrite: bool) -> None:
+    """Raises FileExistsError (naming the command's `--overwrite`) if an output exists."""
+    if overwrite:
+        return
+    for path in paths.values():
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+
+
+def _submit_map_writes(pool, paths, study, ki, v0, mask, description: str, overwrite: bool):
+    """Starts writing the Ki, V0 and mask maps on `study`'s grid; returns the futures."""
+    outputs = (
+        ("ki", ki, f"{description} Ki (1/min)", "Ki"),
+        ("v0", v0, f"{description} V0 (mL/mL)", "V0"),
+        ("mask", mask.astype(np.float32), "Patlak body mask (1 inside)", "mask"),
+    )
+    return [
+        pool.submit(
+            bids.write_map,
+            paths[key],
+            data,
+            study,
+            description=text,
+            intent_name=intent,
+            overwrite=overwrite,
+        )
+        for key, data, text, intent in outputs
+    ]
+
+
+def patlak_sidecar(
+    study: bids.Study,
+    fit,
+    method: str,
+    t_star: float,
+    t_end: float | None,
+    mask: np.ndarray,
+    mask_threshold: float,
+    mask_rule: str,
+) -> dict:
+    """The `<stem>_Ki.json` sidecar of `patlak_study`: sources, fit window, conventions, mask.
+
+    Args:
+      study: the study that was fitted (its `pet_path`, `blood_path` and schedule, min).
+      fit: [F] indices of the fitted frames.
+      method, t_star, t_end, mask_threshold, mask_rule: as in `patlak_maps` (min).
+      mask: [X, Y, Z] bool body mask.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    sched = study.schedule
+    return {
+        "Description": "Voxelwise Patlak graphical analysis (kinetix.parametric).",
+        "Sources": [str(study.pet_path), str(study.blood_path)],
+        "Method": method,
+        "TStar": float(t_star),
+        "TEnd": float(sched.end[-1]) if t_end is None else float(t_end),
+        "TimeUnits": "min",
+        "FramesUsed": [int(i) for i in fit],
+        "FrameMidTimesUsed": [round(float(sched.mid[i]), 6) for i in fit],
+        "Conventions": CONVENTIONS,
+        "InputFunction": "plasma_radioactivity column of the blood TSV, piecewise linear",
+        "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
+        "Mask": {
+            "MaskThreshold": float(mask_threshold),
+            "RobustMaxPercentile": maps.ROBUST_MAX_PERCENTILE,
+            "Voxels": int(np.count_nonzero(mask)),
+            "RuleName": mask_rule,
+            "Rule": maps.MASK_RULE_DESCRIPTIONS[mask_rule] + "; Ki = V0 = 0 outside",
+        },
+        "SoftwareName": "kinetix",
+        "SoftwareVersion": _version(),
+    }
+
+
 def patlak_study(
     pet,
     out,
@@ -171,24 +255,16 @@ def patlak_study(
         before anything is read.
 
     Returns:
-      `output_paths(pet, out)`.
+      `output_paths(pet, out)`; the sidecar is `patlak_sidecar`.
     """
-    if method not in kk.METHODS:
-        raise ValueError(f"method must be one of {kk.METHODS}, got {method!r}.")
-    if not (0.0 <= mask_threshold < 1.0):
-        raise ValueError(f"mask_threshold must lie in [0, 1), got {mask_threshold}.")
+    _check_study_args(method, mask_threshold)
     paths = output_paths(pet, out)
-    if not overwrite:
-        for path in paths.values():
-            if path.exists():
-                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
-
+    _check_outputs_free(paths, overwrite)
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         warm = pool.submit(_warm_up, pet, blood, t_star, t_end, method, chunk_voxels)
         study = bids.read_subject(pet, blood)
-        # Validate the window before the mask and the fit.
-        fit = maps.fit_frames(study.schedule, t_star, t_end)
+        fit = maps.fit_frames(study.schedule, t_star, t_end)  # the window, before mask and fit
         t1 = time.perf_counter()
         warm.result()
         ki, v0, mask = patlak_maps(
@@ -203,48 +279,9 @@ def patlak_study(
         )
         t2 = time.perf_counter()
         descr = f"Patlak {method} t*={t_star:g} min"
-        outputs = (
-            ("ki", ki, f"{descr} Ki (1/min)", "Ki"),
-            ("v0", v0, f"{descr} V0 (mL/mL)", "V0"),
-            ("mask", mask.astype(np.float32), "Patlak body mask (1 inside)", "mask"),
-        )
-        writes = [
-            pool.submit(
-                bids.write_map,
-                paths[key],
-                data,
-                study,
-                description=text,
-                intent_name=intent,
-                overwrite=overwrite,
-            )
-            for key, data, text, intent in outputs
-        ]
-        for done in writes:
+        for done in _submit_map_writes(pool, paths, study, ki, v0, mask, descr, overwrite):
             done.result()
-    sched = study.schedule
-    sidecar = {
-        "Description": "Voxelwise Patlak graphical analysis (kinetix.parametric).",
-        "Sources": [str(study.pet_path), str(study.blood_path)],
-        "Method": method,
-        "TStar": float(t_star),
-        "TEnd": float(sched.end[-1]) if t_end is None else float(t_end),
-        "TimeUnits": "min",
-        "FramesUsed": [int(i) for i in fit],
-        "FrameMidTimesUsed": [round(float(sched.mid[i]), 6) for i in fit],
-        "Conventions": CONVENTIONS,
-        "InputFunction": "plasma_radioactivity column of the blood TSV, piecewise linear",
-        "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
-        "Mask": {
-            "MaskThreshold": float(mask_threshold),
-            "RobustMaxPercentile": maps.ROBUST_MAX_PERCENTILE,
-            "Voxels": int(np.count_nonzero(mask)),
-            "RuleName": mask_rule,
-            "Rule": maps.MASK_RULE_DESCRIPTIONS[mask_rule] + "; Ki = V0 = 0 outside",
-        },
-        "SoftwareName": "kinetix",
-        "SoftwareVersion": _version(),
-    }
+    sidecar = patlak_sidecar(study, fit, method, t_star, t_end, mask, mask_threshold, mask_rule)
     paths["json"].write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
     logging.info(
         "%s: read %.2f s, fit %.2f s (%d mask voxels), write %.2f s -> %s",

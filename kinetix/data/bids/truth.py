@@ -49,6 +49,104 @@ def truth_paths(root, subject: str, param_names: Sequence[str] = _CANONICAL_PARA
     }
 
 
+def _check_param_maps(param_maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{name: float32 map}; every name alphanumeric (it becomes part of a file name)."""
+    maps = {}
+    for name, value in param_maps.items():
+        if not re.fullmatch(r"[A-Za-z0-9]+", str(name)):
+            raise ValueError(
+                f"param_maps name {name!r} must be alphanumeric (used in a file name)."
+            )
+        maps[str(name)] = np.asarray(value, dtype=np.float32)
+    return maps
+
+
+def _check_labels(labels: np.ndarray, label_names: Mapping[int, str]) -> None:
+    """An integer label map whose every value has a name in `label_names`."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}.")
+    missing = sorted(set(np.unique(labels).tolist()) - {int(k) for k in label_names})
+    if missing:
+        raise ValueError(f"label_names lacks names for the label values {missing}.")
+
+
+def _check_truth(
+    noisefree_bqml, param_maps, ki, labels, label_names
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(noisefree [X, Y, Z, T] float32, {name: [X, Y, Z] float32}, labels [X, Y, Z]), checked."""
+    noisefree = np.asarray(noisefree_bqml, dtype=np.float32)
+    if noisefree.ndim != 4:
+        raise ValueError(f"noisefree_bqml must be [X, Y, Z, T], got shape {noisefree.shape}.")
+    grid = noisefree.shape[:3]
+    maps = _check_param_maps(param_maps)
+    arrays = {**{f"param_maps[{n!r}]": v for n, v in maps.items()}, "ki": np.asarray(ki)}
+    labels = np.asarray(labels)
+    arrays["labels"] = labels
+    for name, value in arrays.items():
+        if value.shape != grid:
+            raise ValueError(f"{name} must have the grid shape {grid}, got {value.shape}.")
+    _check_labels(labels, label_names)
+    return noisefree, maps, labels
+
+
+def _write_truth_description(root) -> None:
+    """Writes `derivatives/truth/dataset_description.json` (a derivative dataset) if missing."""
+    path = pathlib.Path(root) / "derivatives" / "truth" / "dataset_description.json"
+    if path.exists():
+        return
+    _write_json(
+        path,
+        {
+            "Name": "kinetix simulator ground truth",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "kinetix", "Version": _kinetix_version()}],
+        },
+    )
+
+
+def _save_truth_maps(paths: dict, maps: Mapping[str, np.ndarray], ki, affine) -> None:
+    """Saves the parameter maps (fv unitless, K1 mL/min/mL, others 1/min) and the true Ki."""
+    units = {"fv": "unitless", "K1": "mL/min/mL"}
+    for name, value in maps.items():
+        unit = units.get(name, "1/min")
+        _save_nifti(
+            paths["params"][name],
+            value,
+            affine,
+            np.float32,
+            f"true {name} ({unit})",
+            intent="estimate",
+            intent_name=name,
+        )
+    _save_nifti(
+        paths["ki"],
+        np.asarray(ki, dtype=np.float32),
+        affine,
+        np.float32,
+        "true voxel-level Patlak Ki (mL/min/mL)",
+        intent="estimate",
+        intent_name="Ki",
+    )
+
+
+def _save_labels(paths: dict, labels: np.ndarray, label_names: Mapping[int, str], affine) -> None:
+    """Saves the int32 label map and its `dseg.tsv` table (index, name), sorted by index."""
+    _save_nifti(
+        paths["labels"],
+        labels.astype(np.int32),
+        affine,
+        np.int32,
+        "tissue labels, see dseg.tsv",
+        intent="label",
+    )
+    keys = sorted(int(k) for k in label_names)
+    _write_tsv(
+        paths["label_table"],
+        {"index": keys, "name": [str(label_names[k]) for k in keys]},
+    )
+
+
 def write_truth(
     root,
     subject: str,
@@ -78,82 +176,18 @@ def write_truth(
     Returns:
       The subject's truth directory.
     """
-    noisefree = np.asarray(noisefree_bqml, dtype=np.float32)
-    if noisefree.ndim != 4:
-        raise ValueError(f"noisefree_bqml must be [X, Y, Z, T], got shape {noisefree.shape}.")
-    grid = noisefree.shape[:3]
-    maps = {}
-    for name, value in param_maps.items():
-        if not re.fullmatch(r"[A-Za-z0-9]+", str(name)):
-            raise ValueError(
-                f"param_maps name {name!r} must be alphanumeric (used in a file name)."
-            )
-        maps[str(name)] = np.asarray(value, dtype=np.float32)
-    arrays = {**{f"param_maps[{n!r}]": v for n, v in maps.items()}, "ki": np.asarray(ki)}
-    labels = np.asarray(labels)
-    arrays["labels"] = labels
-    for name, value in arrays.items():
-        if value.shape != grid:
-            raise ValueError(f"{name} must have the grid shape {grid}, got {value.shape}.")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}.")
-    missing = sorted(set(np.unique(labels).tolist()) - {int(k) for k in label_names})
-    if missing:
-        raise ValueError(f"label_names lacks names for the label values {missing}.")
+    noisefree, maps, labels = _check_truth(noisefree_bqml, param_maps, ki, labels, label_names)
     affine = _check_affine(affine)
-
     paths = truth_paths(root, subject, list(maps))
     _check_free(
         [paths["noisefree"], *paths["params"].values(), paths["ki"], paths["labels"]]
         + [paths["label_table"]],
         overwrite,
     )
-    desc_path = pathlib.Path(root) / "derivatives" / "truth" / "dataset_description.json"
-    if not desc_path.exists():
-        _write_json(
-            desc_path,
-            {
-                "Name": "kinetix simulator ground truth",
-                "BIDSVersion": "1.9.0",
-                "DatasetType": "derivative",
-                "GeneratedBy": [{"Name": "kinetix", "Version": _kinetix_version()}],
-            },
-        )
+    _write_truth_description(root)
     _save_nifti(paths["noisefree"], noisefree, affine, np.float32, "noise-free PET Bq/mL")
-    units = {"fv": "unitless", "K1": "mL/min/mL"}
-    for name, value in maps.items():
-        unit = units.get(name, "1/min")
-        _save_nifti(
-            paths["params"][name],
-            value,
-            affine,
-            np.float32,
-            f"true {name} ({unit})",
-            intent="estimate",
-            intent_name=name,
-        )
-    _save_nifti(
-        paths["ki"],
-        np.asarray(ki, dtype=np.float32),
-        affine,
-        np.float32,
-        "true voxel-level Patlak Ki (mL/min/mL)",
-        intent="estimate",
-        intent_name="Ki",
-    )
-    _save_nifti(
-        paths["labels"],
-        labels.astype(np.int32),
-        affine,
-        np.int32,
-        "tissue labels, see dseg.tsv",
-        intent="label",
-    )
-    keys = sorted(int(k) for k in label_names)
-    _write_tsv(
-        paths["label_table"],
-        {"index": keys, "name": [str(label_names[k]) for k in keys]},
-    )
+    _save_truth_maps(paths, maps, ki, affine)
+    _save_labels(paths, labels, label_names, affine)
     return paths["dir"]
 
 

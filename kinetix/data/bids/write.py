@@ -1,7 +1,8 @@
 """BIDS-PET writers: one subject's scan, `participants.tsv`, `dataset_description.json`, maps.
 
 Writes the layout that `kinetix.data.bids.read.read_subject` reads (see the `kinetix.data.bids`
-module docstring), plus the NIfTI / JSON / TSV helpers that `bids_truth` reuses. Import these
+module docstring; `pet_sidecar` and `blood_sidecar` build its JSON sidecars), plus the NIfTI /
+JSON / TSV helpers that `kinetix.data.bids.truth` reuses. Import these
 names from `kinetix.data.bids`.
 """
 
@@ -108,45 +109,8 @@ def _kinetix_version() -> str:
         return "unknown"
 
 
-def write_subject(
-    root,
-    subject: str,
-    frames_bqml,
-    schedule: FrameSchedule,
-    plasma_times_min,
-    plasma_bqml,
-    whole_blood_bqml,
-    injected_mbq: float,
-    body_weight_kg: float,
-    affine,
-    extra_sidecar: Mapping | None = None,
-    overwrite: bool = False,
-) -> pathlib.Path:
-    """Writes one subject's FDG scan in the BIDS-PET layout that `read_subject` reads.
-
-    Files: `sub-XX/pet/sub-XX_pet.nii.gz` (float32), `sub-XX_pet.json`,
-    `sub-XX_recording-manual_blood.tsv` and `.json`. The image is taken as decay-corrected to
-    TimeZero = injection (`InjectionStart = ScanStart = ImageDecayCorrectionTime = 0`);
-    `DecayCorrectionFactor` is `schedule.decay_factors()` (F-18).
-
-    Args:
-      root: BIDS root directory (created if needed).
-      subject: "sub-01" or "01".
-      frames_bqml: [X, Y, Z, T] decay-corrected activity (Bq/mL), finite.
-      schedule: T frames (min); written as seconds rounded to 1 µs.
-      plasma_times_min: [K] blood sample times (min).
-      plasma_bqml: [K] plasma activity (Bq/mL).
-      whole_blood_bqml: [K] whole-blood activity (Bq/mL), or None.
-      injected_mbq: injected dose (MBq) at injection.
-      body_weight_kg: body weight (kg).
-      affine: [4, 4] voxel-to-world (mm).
-      extra_sidecar: keys added to (or replacing) the `_pet.json` defaults.
-      overwrite: replace existing files; otherwise an existing file raises FileExistsError.
-
-    Returns:
-      The path of the written `_pet.nii.gz`.
-    """
-    sub = _subject_label(subject)
+def _check_frames(frames_bqml, schedule: FrameSchedule) -> np.ndarray:
+    """`frames_bqml` as a finite float32 [X, Y, Z, T] array with T = `schedule.n_frames`."""
     frames = np.asarray(frames_bqml, dtype=np.float32)
     if frames.ndim != 4 or frames.shape[-1] != schedule.n_frames:
         raise ValueError(
@@ -155,6 +119,13 @@ def write_subject(
         )
     if not np.all(np.isfinite(frames)):
         raise ValueError("frames_bqml has non-finite values.")
+    return frames
+
+
+def _check_blood(
+    plasma_times_min, plasma_bqml, whole_blood_bqml
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(times [K] min, plasma [K] Bq/mL, whole blood [K] Bq/mL or None) as float64 arrays."""
     times = np.asarray(plasma_times_min, dtype=np.float64)
     plasma = np.asarray(plasma_bqml, dtype=np.float64)
     if times.ndim != 1 or plasma.shape != times.shape:
@@ -162,26 +133,51 @@ def write_subject(
             f"plasma_times_min and plasma_bqml must be 1-D of equal length, got {times.shape} "
             f"and {plasma.shape}."
         )
-    whole = None
-    if whole_blood_bqml is not None:
-        whole = np.asarray(whole_blood_bqml, dtype=np.float64)
-        if whole.shape != times.shape:
-            raise ValueError(
-                f"whole_blood_bqml must match plasma_times_min {times.shape}, got {whole.shape}."
-            )
-    if not (_is_number(injected_mbq) and injected_mbq > 0):
-        raise ValueError(f"injected_mbq must be a positive number, got {injected_mbq!r}.")
-    if not (_is_number(body_weight_kg) and body_weight_kg > 0):
-        raise ValueError(f"body_weight_kg must be a positive number, got {body_weight_kg!r}.")
-    affine = _check_affine(affine)
+    if whole_blood_bqml is None:
+        return times, plasma, None
+    whole = np.asarray(whole_blood_bqml, dtype=np.float64)
+    if whole.shape != times.shape:
+        raise ValueError(
+            f"whole_blood_bqml must match plasma_times_min {times.shape}, got {whole.shape}."
+        )
+    return times, plasma, whole
 
+
+def _check_positive(name: str, value) -> None:
+    """Raises ValueError naming `name` unless `value` is a positive finite number."""
+    if not (_is_number(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+
+
+def _subject_paths(root, sub: str) -> dict[str, pathlib.Path]:
+    """{"pet", "json", "blood_tsv", "blood_json"} paths of subject `sub` ("sub-01") under `root`."""
     pet_dir = pathlib.Path(root) / sub / "pet"
-    pet_path = pet_dir / f"{sub}_pet.nii.gz"
-    json_path = pet_dir / f"{sub}_pet.json"
-    blood_tsv = pet_dir / f"{sub}_recording-manual_blood.tsv"
-    blood_json = pet_dir / f"{sub}_recording-manual_blood.json"
-    _check_free([pet_path, json_path, blood_tsv, blood_json], overwrite)
+    return {
+        "pet": pet_dir / f"{sub}_pet.nii.gz",
+        "json": pet_dir / f"{sub}_pet.json",
+        "blood_tsv": pet_dir / f"{sub}_recording-manual_blood.tsv",
+        "blood_json": pet_dir / f"{sub}_recording-manual_blood.json",
+    }
 
+
+def pet_sidecar(
+    schedule: FrameSchedule,
+    injected_mbq: float,
+    body_weight_kg: float,
+    extra_sidecar: Mapping | None = None,
+) -> dict:
+    """The `_pet.json` sidecar that `write_subject` writes for a simulated FDG scan.
+
+    Args:
+      schedule: T frames (min); written as `FrameTimesStart` / `FrameDuration` in seconds
+        rounded to 1 µs, with `DecayCorrectionFactor` = `schedule.decay_factors()` (F-18).
+      injected_mbq: injected dose (MBq) at injection.
+      body_weight_kg: body weight (kg).
+      extra_sidecar: keys added to (or replacing) the defaults.
+
+    Returns:
+      The sidecar as a JSON-serialisable dict (TimeZero = injection = scan start).
+    """
     start_s = np.round(schedule.start * 60.0, 6)
     dur_s = np.round(np.round(schedule.end * 60.0, 6) - start_s, 6)
     sidecar = {
@@ -216,18 +212,22 @@ def write_subject(
         "AttenuationCorrection": "none (simulated)",
     }
     sidecar.update(dict(extra_sidecar or {}))
+    return sidecar
 
-    _save_nifti(
-        pet_path, frames, affine, np.float32, "kinetix PET Bq/mL decay-corrected to TimeZero"
-    )
-    _write_json(json_path, sidecar)
-    blood_columns = {"time": times * 60.0, "plasma_radioactivity": plasma}
-    if whole is not None:
-        blood_columns["whole_blood_radioactivity"] = whole
-    _write_tsv(blood_tsv, blood_columns)
+
+def _blood_columns(times_min, plasma_bqml, whole_blood_bqml=None) -> dict[str, np.ndarray]:
+    """`_blood.tsv` columns: time [K] (s), plasma [K] and, if given, whole blood [K] (Bq/mL)."""
+    columns = {"time": np.asarray(times_min) * 60.0, "plasma_radioactivity": plasma_bqml}
+    if whole_blood_bqml is not None:
+        columns["whole_blood_radioactivity"] = whole_blood_bqml
+    return columns
+
+
+def blood_sidecar(whole_blood: bool) -> dict:
+    """The `_blood.json` sidecar: plasma (and whole blood if `whole_blood`) in Bq/mL, time in s."""
     desc = {
         "PlasmaAvail": True,
-        "WholeBloodAvail": whole is not None,
+        "WholeBloodAvail": whole_blood,
         "MetaboliteAvail": False,
         "DispersionCorrected": False,
         "time": {
@@ -240,13 +240,68 @@ def write_subject(
             "Units": "Bq/mL",
         },
     }
-    if whole is not None:
+    if whole_blood:
         desc["whole_blood_radioactivity"] = {
             "Description": "Radioactivity in whole blood, decay-corrected to TimeZero",
             "Units": "Bq/mL",
         }
-    _write_json(blood_json, desc)
-    return pet_path
+    return desc
+
+
+def write_subject(
+    root,
+    subject: str,
+    frames_bqml,
+    schedule: FrameSchedule,
+    plasma_times_min,
+    plasma_bqml,
+    whole_blood_bqml,
+    injected_mbq: float,
+    body_weight_kg: float,
+    affine,
+    extra_sidecar: Mapping | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes one subject's FDG scan in the BIDS-PET layout that `read_subject` reads.
+
+    Files: `sub-XX/pet/sub-XX_pet.nii.gz` (float32), `sub-XX_pet.json` (`pet_sidecar`),
+    `sub-XX_recording-manual_blood.tsv` and `.json` (`blood_sidecar`). The image is taken as
+    decay-corrected to TimeZero = injection (`InjectionStart = ScanStart =
+    ImageDecayCorrectionTime = 0`); `DecayCorrectionFactor` is `schedule.decay_factors()` (F-18).
+
+    Args:
+      root: BIDS root directory (created if needed).
+      subject: "sub-01" or "01".
+      frames_bqml: [X, Y, Z, T] decay-corrected activity (Bq/mL), finite.
+      schedule: T frames (min); written as seconds rounded to 1 µs.
+      plasma_times_min: [K] blood sample times (min).
+      plasma_bqml: [K] plasma activity (Bq/mL).
+      whole_blood_bqml: [K] whole-blood activity (Bq/mL), or None.
+      injected_mbq: injected dose (MBq) at injection.
+      body_weight_kg: body weight (kg).
+      affine: [4, 4] voxel-to-world (mm).
+      extra_sidecar: keys added to (or replacing) the `_pet.json` defaults.
+      overwrite: replace existing files; otherwise an existing file raises FileExistsError.
+
+    Returns:
+      The path of the written `_pet.nii.gz`.
+    """
+    sub = _subject_label(subject)
+    frames = _check_frames(frames_bqml, schedule)
+    times, plasma, whole = _check_blood(plasma_times_min, plasma_bqml, whole_blood_bqml)
+    _check_positive("injected_mbq", injected_mbq)
+    _check_positive("body_weight_kg", body_weight_kg)
+    affine = _check_affine(affine)
+    paths = _subject_paths(root, sub)
+    _check_free(list(paths.values()), overwrite)
+
+    sidecar = pet_sidecar(schedule, injected_mbq, body_weight_kg, extra_sidecar)
+    description = "kinetix PET Bq/mL decay-corrected to TimeZero"
+    _save_nifti(paths["pet"], frames, affine, np.float32, description)
+    _write_json(paths["json"], sidecar)
+    _write_tsv(paths["blood_tsv"], _blood_columns(times, plasma, whole))
+    _write_json(paths["blood_json"], blood_sidecar(whole is not None))
+    return paths["pet"]
 
 
 _PARTICIPANT_COLUMNS = {
