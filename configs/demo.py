@@ -8,11 +8,13 @@ of batch 2, split over two single-threaded CPU devices (`train.cpu_devices = -1`
 Expected run time on 2 CPU cores: about 17 minutes including simulation and evaluation
 (measured 2026-11-27 on an idle 2-vCPU VM: 17 min 13 s; simulation 40 s, the three trials
 6 min 38 s, then ≈ 0.58 s per step, evaluation 16 s). Ki result: +5.3 % SSIM / +12.9 % PSNR /
-−29.9 % NRMSE over 30-min Patlak, and +7.6 / +7.3 % SSIM on the splits of seeds 1 and 2 (README,
-"Demo results"; the paper's margins are +2.27 / +7.04 / −16.3 %).
+−29.9 % NRMSE over 30-min Patlak, and +7.6 / +7.3 % SSIM on the splits of seeds 1 and 2
+(docs/results.md, "The demo"; the paper's margins are +2.27 / +7.04 / −16.3 %).
 """
 
-from configs import default
+from kinetix.training.config import sibling_config
+
+default = sibling_config(__file__, "default")
 
 
 def get_config():
@@ -32,7 +34,7 @@ def get_config():
     config.data.test_fraction = 1 / 6  # 4 test subjects
     config.data.batch_size = 2
     config.data.input_points = 64
-    # Measured on this cohort at 1200 steps (README, "Demo results"; benchmarks/README.md): the
+    # Measured on this cohort at 1200 steps (docs/results.md, "Trials", 2026-11-26): the
     # input frames in units of the subject's mean plasma level, the Patlak term on the spliced
     # series the proposed Ki uses, and a light Patlak weight (λ = 100 costs 2–3 SSIM points).
     config.model.input_norm = "plasma"
@@ -42,7 +44,8 @@ def get_config():
     config.optim.decay_every = 800
     config.train.num_steps = 1200
     # Three starts train 200 steps each; the one with the lowest validation loss goes on
-    # (measured over seeds 0-2: benchmarks/README.md, "initialisation trials").
+    # (measured over seeds 0-2: docs/results.md, "warm-up, saturation guard, initialisation
+    # trials").
     config.train.init_trials = 3
     config.train.init_trial_steps = 200
     config.train.log_every_steps = 20

@@ -1,5 +1,5 @@
 """The demo at 8× its training: the schedule on which the kinetic network overtakes the direct
-ablation (README, target 2; benchmarks/README.md, "9600 steps").
+ablation (docs/results.md, "9600 steps, three seeds").
 
     python -m kinetix.train --config configs/demo_long.py
     # the direct ablation on the same cohort and split, for the comparison:
@@ -17,7 +17,9 @@ side by side at ≈ 1.0–1.3 s per step, about 3 h for the pair; one network al
 seed 1 0.8776 / 0.8663, seed 2 0.8978 / 0.8843.
 """
 
-from configs import demo
+from kinetix.training.config import sibling_config
+
+demo = sibling_config(__file__, "demo")
 
 
 def get_config():

@@ -8,7 +8,9 @@ Expected run time: GPU only. On one H200 a step on a 256×256 slice (the paper's
 65.5 ms (measured, launch/README.md), so the 71 710 steps take about 80 min plus evaluation.
 """
 
-from configs import default
+from kinetix.training.config import sibling_config
+
+default = sibling_config(__file__, "default")
 
 
 def get_config():

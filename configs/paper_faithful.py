@@ -9,7 +9,9 @@ plateau reduction.
 Expected run time: as configs/paper.py (GPU).
 """
 
-from configs import paper
+from kinetix.training.config import sibling_config
+
+paper = sibling_config(__file__, "paper")
 
 
 def get_config():

@@ -3,7 +3,9 @@
 python -m kinetix.train --config configs/smoke.py --workdir /tmp/kinetix-smoke
 """
 
-from configs import default
+from kinetix.training.config import sibling_config
+
+default = sibling_config(__file__, "default")
 
 
 def get_config():

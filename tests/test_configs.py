@@ -5,8 +5,11 @@ needs no more; the tests' four fake devices are not a setting any config targets
 
 import importlib
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -96,3 +99,34 @@ def test_code_reads_no_config_default_of_its_own():
         if pattern.search(line)
     ]
     assert not offenders
+
+
+def test_configs_load_by_path_from_any_directory(tmp_path):
+    """`--config /abs/path/configs/X.py` works from another working directory, even one with a
+    `configs` package of its own (a derived config loads its parent by path, not by import)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "__init__.py").write_text("raise ImportError('not kinetix configs')\n")
+    code = (
+        "import sys\n"
+        "from absl import flags\n"
+        "from ml_collections import config_flags\n"
+        "for path in sys.argv[1:]:\n"
+        "    fv = flags.FlagValues()\n"
+        "    argv = ['x', '--config', path, '--config.seed=7']\n"
+        "    config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)\n"
+        "    fv(argv)\n"
+        "    print(fv.config.name, fv.config.seed, fv.config.train.num_steps)\n"
+    )
+    paths = [str(ROOT / "configs" / f"{name}.py") for name in NAMES]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *paths],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = [f"{c.name} 7 {c.train.num_steps}" for c in map(_load, NAMES)]
+    assert out.stdout.split("\n")[:-1] == expected

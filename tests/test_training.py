@@ -437,3 +437,13 @@ def test_former_training_names_still_import():
         assert getattr(training, name) is getattr(inference, name)
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         training.nonexistent  # noqa: B018
+
+
+def test_zero_steps_without_a_checkpoint_is_refused_and_writes_nothing(tmp_path):
+    """num_steps = 0 re-evaluates a trained run; on a fresh workdir there is nothing to do."""
+    config = smoke.get_config()
+    config.train.num_steps = 0
+    workdir = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=r"num_steps = 0 and .*fresh holds no checkpoint"):
+        experiment.train_and_evaluate(config, workdir)
+    assert not workdir.exists()

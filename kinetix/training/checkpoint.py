@@ -76,6 +76,12 @@ def _describe_mismatch(saved, target) -> str | None:
     return None
 
 
+def has_checkpoint(directory) -> bool:
+    """Whether ``directory`` (a run's ``checkpoints/``) holds at least one saved step."""
+    directory = pathlib.Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 class Checkpointer:
     """Saves and restores (train state, data iterator) with Orbax's `CheckpointManager`.
 

@@ -116,6 +116,31 @@ DEFAULT_CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / 
 """`configs/default.py` of the source tree kinetix runs from: the one source of every default."""
 
 
+def config_file_module(path):
+    """A ``configs/*.py`` file loaded by path as a module (it defines ``get_config()``).
+
+    Loading by path, not by import, works from any working directory and never picks up another
+    package named ``configs`` on the user's path.
+
+    Raises:
+      FileNotFoundError: no such file.
+    """
+    path = pathlib.Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"The config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"_kinetix_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sibling_config(config_file, name: str):
+    """The config module ``name`` in the directory of ``config_file``: how a derived config
+    imports its parent (``default = sibling_config(__file__, "default")``), the same way from
+    any working directory."""
+    return config_file_module(pathlib.Path(config_file).resolve().with_name(f"{name}.py"))
+
+
 def default_config(path=DEFAULT_CONFIG_FILE) -> ml_collections.ConfigDict:
     """`get_config()` of `configs/default.py` (loaded by path, so from any working directory).
 
@@ -128,10 +153,7 @@ def default_config(path=DEFAULT_CONFIG_FILE) -> ml_collections.ConfigDict:
             f"{path} does not exist: kinetix needs its configs/ directory beside the package "
             "(install it from a source checkout with `pip install -e .`)."
         )
-    spec = importlib.util.spec_from_file_location("_kinetix_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_file_module(path).get_config()
 
 
 def fill_defaults(values: dict, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -202,6 +202,12 @@ def train(
       a `TrainResult`.
     """
     workdir = pathlib.Path(workdir)
+    num_steps = int(config.train.num_steps)
+    if num_steps < 1 and not checkpoint.has_checkpoint(workdir / "checkpoints"):
+        raise ValueError(
+            f"config.train.num_steps = {num_steps} and {workdir} holds no checkpoint: there is "
+            "nothing to train or evaluate (num_steps = 0 only re-evaluates a trained run)."
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     cohort = build_cohort(config, workdir)
     schedule = cohort.schedule
@@ -259,7 +265,6 @@ def train(
         keep=config.train.keep_checkpoints,
         keep_steps=config.train.keep_checkpoint_steps,
     )
-    num_steps = int(config.train.num_steps)
     history = []
     try:
         abstract = jax.tree.map(
