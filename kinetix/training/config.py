@@ -147,8 +147,7 @@ def default_config(path=DEFAULT_CONFIG_FILE) -> ml_collections.ConfigDict:
     Raises:
       FileNotFoundError: the file is not there (kinetix installed without its configs/).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
+    if not pathlib.Path(path).is_file():
         raise FileNotFoundError(
             f"{path} does not exist: kinetix needs its configs/ directory beside the package "
             "(install it from a source checkout with `pip install -e .`)."

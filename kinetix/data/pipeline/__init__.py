@@ -66,14 +66,13 @@ from kinetix.data.pipeline.cohort import (
 from kinetix.data.pipeline.curves import (
     DEFAULT_INPUT_POINTS,
     DEFAULT_MASK_THRESHOLD,
-    MASK_PERCENTILE,
-    body_mask,
     compress_curve,
     interpolation_error,
     pad_curve,
-    time_average,
 )
 from kinetix.data.pipeline.dataset import eval_batches, slice_dataset
+from kinetix.maps.mask import MASK_PERCENTILE, time_average
+from kinetix.maps.mask import threshold_mask as body_mask
 
 __all__ = [
     "BATCH_KEYS",

@@ -19,14 +19,9 @@ from kinetix.data import bids
 from kinetix.data.bids import Study
 from kinetix.data.bids.read import read_schedule
 from kinetix.data.pipeline.batch import input_curves, slice_example
-from kinetix.data.pipeline.curves import (
-    DEFAULT_INPUT_POINTS,
-    DEFAULT_MASK_THRESHOLD,
-    MASK_PERCENTILE,
-    body_mask,
-    time_average,
-)
+from kinetix.data.pipeline.curves import DEFAULT_INPUT_POINTS, DEFAULT_MASK_THRESHOLD
 from kinetix.kinetics.frames import FrameSchedule
+from kinetix.maps.mask import reference_level, threshold_mask, time_average
 
 DEFAULT_CACHE_SIZE = 4
 """Fewest decoded studies `Cohort.from_bids` keeps (each ~0.5 GB at paper size)."""
@@ -273,7 +268,7 @@ class Cohort:
     def _remember_reference(self, subject: str, st: Study) -> float:
         if subject not in self._reference:
             mean = time_average(st.frames, self.schedule)  # [X, Y, Z]
-            self._reference[subject] = float(np.percentile(mean, MASK_PERCENTILE))
+            self._reference[subject] = reference_level(mean)
         return self._reference[subject]
 
     def mask_reference(self, subject: str) -> float:
@@ -326,7 +321,7 @@ class Cohort:
             raise ValueError(f"mask_threshold must be >= 0, got {mask_threshold}.")
         st = self.study(subject)
         frames = np.ascontiguousarray(st.frames[:, :, z, :], dtype=np.float32)  # [H, W, T]
-        mask = body_mask(
+        mask = threshold_mask(
             time_average(frames, self.schedule), self.mask_reference(subject), mask_threshold
         )
         curves = self.curves(subject, input_points)

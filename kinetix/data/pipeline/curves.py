@@ -1,4 +1,4 @@
-"""Input-curve packing (compress to at most K samples, pad to exactly K) and the body mask.
+"""Input-curve packing: compress to at most K samples, pad to exactly K.
 
 Pure NumPy helpers of `kinetix.data.pipeline` (see its module docstring for why compression is
 the only approximation in the training path). Import these names from `kinetix.data.pipeline`.
@@ -8,16 +8,12 @@ import bisect
 
 import numpy as np
 
-from kinetix.kinetics.frames import FrameSchedule
-
 DEFAULT_INPUT_POINTS = 128
 """Samples per input curve in a batch (K)."""
 
 DEFAULT_MASK_THRESHOLD = 0.05
-"""Body mask: time-averaged SUV above this fraction of the subject's 99th percentile."""
-
-MASK_PERCENTILE = 99.0
-"""Percentile of a subject's time-averaged volume used as the mask's reference level."""
+"""Body mask (`kinetix.maps.mask`, rule "threshold"): time-averaged SUV above this fraction of
+the subject's 99th percentile."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,40 +139,3 @@ def pad_curve(times, values, n_points: int):
     new_t = t[-1] + np.arange(1, extra + 1, dtype=t.dtype)
     new_v = np.repeat(v[..., -1:], extra, axis=-1)
     return np.concatenate([t, new_t]), np.concatenate([v, new_v], axis=-1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Body mask
-# ------------------------------------------------------------------------------------------------
-def time_average(frames: np.ndarray, schedule: FrameSchedule) -> np.ndarray:
-    """Duration-weighted mean over frames: Σ_m x_m Δ_m / Σ_m Δ_m.
-
-    Args:
-      frames: [..., T] frame values (SUV).
-      schedule: the `T`-frame schedule (min).
-
-    Returns:
-      [...] float32 time-averaged SUV (the scan's mean activity).
-    """
-    w = (schedule.duration / np.sum(schedule.duration)).astype(np.float32)
-    return np.asarray(frames, np.float32) @ w
-
-
-def body_mask(mean_suv: np.ndarray, reference: float, threshold: float) -> np.ndarray:
-    """1 where the time-averaged SUV exceeds `threshold` × `reference`, else 0.
-
-    The rule kinetix uses: `reference` is the `MASK_PERCENTILE` (99th) percentile of the
-    subject's whole time-averaged volume (robust to a few hot voxels such as the bladder, and
-    the same for every slice of a subject), and the time average weights frames by duration, so
-    the many short early frames do not dominate. It assumes the body fills more than ~1 % of
-    the field of view.
-
-    Args:
-      mean_suv: [...] time-averaged SUV (`time_average`).
-      reference: the subject's reference level (SUV).
-      threshold: fraction of `reference` (e.g. 0.05).
-
-    Returns:
-      [...] float32 0/1 mask.
-    """
-    return (np.asarray(mean_suv) > threshold * reference).astype(np.float32)
