@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.prefetch = 2  # batches prefetched by grain
     d.worker_count = 0  # grain worker processes (0: in the main process)
     d.expected_frames = 28  # frames per scan the config is written for (0: any)
+    # Refuse implausible images and blood curves when reading (SUV range for the stated units,
+    # blood sampling; docs/conventions.md, "Plausibility checks"); False: warn and go on.
+    d.check_plausibility = True
 
     config.kinetics = k = ml_collections.ConfigDict()
     k.decay_constant = kk.F18_DECAY_CONSTANT  # 1/min, F-18

@@ -9,6 +9,7 @@ as ``cli(argv) -> exit status``; `main_entry` runs one as a program under `absl.
 """
 
 import logging as std_logging
+import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,37 @@ HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 ERRORS = (flags.Error, ValueError, OSError)
 """Exceptions that mean bad input (a bad flag, file, key or value): one sentence, exit 2."""
+
+FAILURES = (FloatingPointError,)
+"""Exceptions that mean the computation failed (e.g. training diverged): one sentence, exit 1."""
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+    """The value of ``--config`` in argv (``--config X`` or ``--config=X``), if any."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """``fv(argv)`` with config-file faults as one sentence (ml_collections gives several
+    lines for a missing file and a KeyError traceback for an override of an unknown key)."""
+    path = _config_file(argv[1:]) if "config" in fv else None
+    if path is not None and not pathlib.Path(path).is_file():
+        raise ValueError(f"--config {path}: no such file.")
+    try:
+        return fv(list(argv))
+    except (KeyError, AttributeError) as err:
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        unknown = str(err).strip("\"'")
+        raise ValueError(
+            f"the config has no key {unknown!r} (overrides given: {', '.join(overrides)})."
+        ) from None
+    except flags.Error as err:
+        raise ValueError(" ".join(line.strip() for line in str(err).splitlines())) from None
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -49,7 +81,8 @@ def run(
       required: flags that must be given.
 
     Returns:
-      0 on success (or `main`'s status), 2 on bad input (one sentence on stderr).
+      0 on success (or `main`'s status), 2 on bad input, 1 when the computation failed (e.g.
+      training diverged); one sentence on stderr in both cases.
     """
     fv = flags.FlagValues()
     define(fv, list(argv))
@@ -58,7 +91,7 @@ def run(
         print(fv.get_help(include_special_flags=False))
         return 0
     try:
-        rest = fv(list(argv))
+        rest = _parse(fv, argv)
         if len(rest) > 1:
             args = " ".join(repr(a) for a in rest[1:])
             raise ValueError(f"unexpected arguments {args} (all options are --flags).")
@@ -69,6 +102,9 @@ def run(
     except ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except FAILURES as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
 
 
 def main_entry(cli: Callable[[Sequence[str]], int]) -> None:

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from kinetix.evaluation import evaluate_run
 from kinetix.inference import make_predict_fn
 from kinetix.training.devices import local_copy
-from kinetix.training.loop import TrainResult, train
+from kinetix.training.lock import workdir_lock
+from kinetix.training.loop import TrainResult, check_trainable, train
 
 
 def evaluate_trained(config: ml_collections.ConfigDict, workdir, trained: TrainResult) -> dict:
@@ -69,12 +70,14 @@ def train_and_evaluate(
       evaluated, on process 0)}, or {"preempted_at": step} when training stopped at a
       preemption notice.
     """
-    trained = train(config, workdir, provenance_kw)
-    if trained.preempted:
-        return {"preempted_at": trained.final_step}
-    result = {"history": trained.history, "final_step": trained.final_step}
-    if config.eval.run_after_training:
-        evaluation = evaluate_trained(config, workdir, trained)
-        if evaluation:
-            result["eval"] = evaluation
+    check_trainable(config, workdir)
+    with workdir_lock(workdir, "kinetix.train"):  # held from training through the evaluation
+        trained = train(config, workdir, provenance_kw)
+        if trained.preempted:
+            return {"preempted_at": trained.final_step}
+        result = {"history": trained.history, "final_step": trained.final_step}
+        if config.eval.run_after_training:
+            evaluation = evaluate_trained(config, workdir, trained)
+            if evaluation:
+                result["eval"] = evaluation
     return result

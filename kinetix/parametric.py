@@ -2,7 +2,8 @@
 
     python -m kinetix.parametric --pet sub-01_pet.nii.gz [--blood sub-01_..._blood.tsv] \\
         --tstar 9 [--tend 35] [--method ols|perpendicular] --out DIR [--overwrite] \\
-        [--chunk_voxels 65536] [--mask_rule filled|threshold] [--mask_threshold 0.02]
+        [--chunk_voxels 65536] [--mask_rule filled|threshold] [--mask_threshold 0.02] \\
+        [--nocheck_plausibility]
 
 Flags, then `kinetix.inference.patlak_study` (see there for what is written).
 """
@@ -55,6 +56,13 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
         "Body mask: fraction of the rule's reference level (0: all voxels).",
         flag_values=fv,
     )
+    flags.DEFINE_bool(
+        "check_plausibility",
+        True,
+        "Refuse image and blood values outside the plausible FDG ranges (docs/conventions.md, "
+        "'Plausibility checks'); --nocheck_plausibility proceeds and records them as warnings.",
+        flag_values=fv,
+    )
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -70,6 +78,7 @@ def main(fv: flags.FlagValues) -> None:
         mask_threshold=fv.mask_threshold,
         mask_rule=fv.mask_rule,
         progress=True,
+        check_plausibility=fv.check_plausibility,
     )
 
 

@@ -1,6 +1,7 @@
 """Predict the late frames, Ki and 2TCM parameter maps of one subject from its first 35 minutes.
 
-    python -m kinetix.predict --workdir W --pet sub-01_pet.nii.gz [--blood B] --out DIR
+    python -m kinetix.predict --workdir W --pet sub-01_pet.nii.gz [--blood B] --out DIR \\
+        [--nocheck_plausibility]
 
 Flags, then `kinetix.inference.predict_to_dir` (see there for what is written). A 22-frame file
 is enough; of a 28-frame file only the first 22 frames are used.
@@ -32,6 +33,13 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
     flags.DEFINE_integer(
         "step", None, "Use the checkpoint of this training step (default: latest).", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "check_plausibility",
+        True,
+        "Refuse image and blood values outside the plausible FDG ranges (docs/conventions.md, "
+        "'Plausibility checks'); --nocheck_plausibility proceeds and records them as warnings.",
+        flag_values=fv,
+    )
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -43,8 +51,9 @@ def main(fv: flags.FlagValues) -> None:
         step=fv.step,
         batch_slices=fv.batch_slices,
         overwrite=fv.overwrite,
+        check_plausibility=fv.check_plausibility,
     )
-    print(f"Wrote {len(paths)} maps to {fv.out}")
+    print(f"Wrote {len(paths)} files (maps and the Ki sidecar) to {fv.out}")
 
 
 def cli(argv) -> int:

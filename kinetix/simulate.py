@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from kinetix import cli as cli_lib
+from kinetix.data.bids import check_writable_dir
 from kinetix.data.phantom.cohort import simulate_cohort, simulation_config, simulation_settings
 
 PROG = "kinetix.simulate"
@@ -76,6 +77,7 @@ def cohort_from_flags(f: flags.FlagValues):
 def main(f: flags.FlagValues) -> None:
     t0 = time.perf_counter()
     cfg, n_subjects, seed = cohort_from_flags(f)
+    check_writable_dir(f.out, "--out directory")  # before any simulation
     ids = simulate_cohort(f.out, n_subjects, seed, cfg, f.overwrite, f.progress, f.preview)
     print(
         f"{PROG}: wrote {len(ids)} subjects × {cfg.slices} slices of {cfg.size}×{cfg.size} "

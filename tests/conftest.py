@@ -38,6 +38,36 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def unwritable_dir(tmp_path):
+    """An empty directory in which this process cannot create anything.
+
+    Mode 0o500; for root, who ignores modes, the immutable attribute (``chattr +i``, ext2/3/4,
+    XFS, Btrfs). Skips, with the reason, where neither holds. Restored afterwards.
+    """
+    import shutil
+    import subprocess
+
+    path = tmp_path / "unwritable"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        undo = ["chmod", "700", str(path)]
+    elif shutil.which("chattr") and not subprocess.run(["chattr", "+i", str(path)]).returncode:
+        undo = ["chattr", "-i", str(path)]
+    else:
+        pytest.skip("running as root on a file system without chattr +i: nothing is unwritable")
+    try:
+        (path / ".probe").mkdir()
+    except PermissionError:
+        pass
+    else:
+        subprocess.run(undo, check=True)
+        pytest.skip(f"{path} stays writable here (mode bits and attributes not enforced)")
+    yield path
+    subprocess.run(undo, check=True)
+
+
+@pytest.fixture
 def x64():
     """Run one test with float64 enabled (restored afterwards)."""
     prev = jax.config.jax_enable_x64

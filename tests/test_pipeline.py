@@ -235,7 +235,7 @@ def test_cohort_from_bids_is_lazy(tmp_path, monkeypatch):
         )  # fmt: skip
     reads = []
     real_read = bids.read_subject
-    monkeypatch.setattr(bids, "read_subject", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(bids, "read_subject", lambda p, **kw: reads.append(p) or real_read(p, **kw))
     c = pipeline.Cohort.from_bids(tmp_path, cache_size=1)
     assert reads == []  # headers and sidecars only
     assert c.subjects == ["sub-01", "sub-02", "sub-03"] and c.shape == (H, W)

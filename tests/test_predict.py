@@ -190,3 +190,45 @@ def test_entry_point_modules_import_together():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_predict_refuses_implausible_damaged_or_taken_outputs_before_writing(
+    trained, tmp_path, capsys
+):
+    """Issue 28: a unit mistake, a truncated image or one existing output: one sentence, exit
+    2, nothing written; --nocheck_plausibility proceeds and records the findings in Ki.json."""
+    from kinetix import predict
+
+    pet = write_study(tmp_path / "bids", (16, 16, 2), 28)
+    run = ["prog", "--workdir", str(trained / "run"), "--batch_slices", "4", "--pet", str(pet)]
+
+    def fails(out, match, *extra):
+        assert predict.cli([*run, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("kinetix.predict: error:") and match in err[-1], err
+        assert not any("Traceback" in line for line in err)
+        return err[-1]
+
+    # One output exists already: refused before anything is computed or written.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "sub-99_param-k4_map.nii.gz").write_bytes(b"")
+    fails(taken, "sub-99_param-k4_map.nii.gz already exists")
+    assert [p.name for p in taken.iterdir()] == ["sub-99_param-k4_map.nii.gz"]
+
+    sidecar = pet.with_name("sub-99_pet.json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "Units": "kBq/mL"}))  # Bq/mL data: SUV × 1000
+    err = fails(tmp_path / "o1", "sub-99_pet.nii.gz has a median SUV of the body")
+    assert "--nocheck_plausibility" in err and not (tmp_path / "o1").exists()
+    out = tmp_path / "o2"
+    assert predict.cli([*run, "--out", str(out), "--nocheck_plausibility"]) == 0
+    warnings = json.loads((out / "sub-99_Ki.json").read_text())["Warnings"]
+    assert any("median SUV of the body" in w for w in warnings), warnings
+    assert (out / "sub-99_Ki.nii.gz").exists()
+
+    sidecar.write_text(json.dumps(meta))
+    data = pet.read_bytes()
+    pet.write_bytes(data[: len(data) // 2])
+    fails(tmp_path / "o3", f"The PET image {pet} is truncated or corrupt")
+    assert not (tmp_path / "o3").exists()

@@ -108,13 +108,17 @@ def test_resume_continues_exactly_and_refuses_another_model(cohort_root, tmp_pat
     for key in ("loss", "loss_suv", "loss_patlak", "grad_norm", "param_norm"):
         np.testing.assert_allclose(m_part[6][key], m_full[6][key], rtol=1e-5, err_msg=key)
 
-    # A rerun with another model is refused before anything in the workdir changes.
+    # A rerun with another model is refused before anything in the workdir changes: by the
+    # run's config.json, and without it by the checkpoint's shapes.
     saved = {n: (part / n).read_bytes() for n in ("config.json", "provenance.json")}
     other = smoke_config(cohort_root, num_steps=8)
     other.model.head_hidden = (32,)
-    with pytest.raises(ValueError, match="does not match this model/config"):
+    with pytest.raises(ValueError, match=r"other settings \(model.head_hidden \[16\] → \[32\]"):
         experiment.train_and_evaluate(other, part)
     assert {n: (part / n).read_bytes() for n in saved} == saved
+    (part / "config.json").unlink()
+    with pytest.raises(ValueError, match="does not match this model/config"):
+        experiment.train_and_evaluate(other, part)
 
 
 def test_train_step_traces_once(cohort_root):

@@ -27,13 +27,14 @@ import numpy as np
 from absl import logging
 
 from kinetix import inference
-from kinetix.data import pipeline
+from kinetix.data import bids, pipeline
 from kinetix.evaluation import accumulate as acc
 from kinetix.evaluation import report
 from kinetix.evaluation import routes as kr
 from kinetix.evaluation import tables as kt
 from kinetix.evaluation.truth import TruthCache, find_truth_root
 from kinetix.figures.evaluation import write_figures
+from kinetix.training.checkpoint import DamagedCheckpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +348,22 @@ def _latest_step(workdir) -> int | None:
     return steps[-1] if steps else None
 
 
+def _load_run(workdir, data, step):
+    """(step, load_for_inference(...)) of ``step``, or of the newest intact checkpoint when
+    ``step`` is None (a damaged one is reported and skipped)."""
+    if step is not None:
+        return step, inference.load_for_inference(workdir, data, step)
+    steps = inference.checkpoint_steps(workdir)
+    if not steps:  # load_for_inference says so in a sentence
+        return None, inference.load_for_inference(workdir, data, None)
+    for k in reversed(steps):
+        try:
+            return k, inference.load_for_inference(workdir, data, k)
+        except DamagedCheckpoint as err:
+            logging.warning("%s; trying the next older checkpoint.", str(err).rstrip("."))
+    raise DamagedCheckpoint(f"every checkpoint in {workdir}/checkpoints is damaged.")
+
+
 def _load_ablation(ablation_workdir, data, step):
     """(predict_fn, step) of the direct ablation run, restored on `data` (a BIDS root)."""
     abl_step = step if step is not None else _latest_step(ablation_workdir)
@@ -391,9 +408,9 @@ def evaluate_workdir(
         raise ValueError(
             f"{out_dir / 'metrics.json'} exists; pass --overwrite or choose another --out."
         )
-    # The step is resolved before loading, so the one restored is the one recorded.
-    run_step = step if step is not None else _latest_step(workdir)
-    config, predict_fn, cohort, splits = inference.load_for_inference(workdir, data, run_step)
+    bids.check_writable_dir(out_dir, "output directory (--out)")  # before any computation
+    # The step is resolved with the loading, so the one restored is the one recorded.
+    run_step, (config, predict_fn, cohort, splits) = _load_run(workdir, data, step)
     subjects = list(cohort.subjects) if data else list(splits.get("test", []))
     if not subjects:
         raise ValueError(f"{workdir} has no test subjects (splits.json); pass --data BIDS.")

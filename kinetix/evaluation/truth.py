@@ -1,6 +1,7 @@
 """The ground truth of simulated cohorts (`derivatives/truth`): where it is, and what a slice needs.
 
-`find_truth_root` locates the truth of every evaluated subject (or says why there is none),
+`find_truth_root` locates the truth of every evaluated subject (or says why there is none: a
+truth derivative is optional, so an incomplete one only drops the truth columns, never the run),
 `load_truth` reads one subject's true Ki, labels, 2TCM parameters and noise-free frames, and
 `TruthCache` keeps the subjects of the current batch. Ki in mL/min/mL, frames in SUV.
 """
@@ -8,11 +9,25 @@
 import pathlib
 
 import numpy as np
+from absl import logging
 
 from kinetix.data import bids
 
 TUMOUR_NAME_PARTS = ("nodule", "tumo", "lesion")
 """A truth label whose name contains one of these is a tumour."""
+
+
+TRUTH_FILES = ("noisefree", "ki", "labels", "label_table")
+"""The files of `kinetix.data.bids.truth_paths` that the evaluation reads for each subject."""
+
+
+def truth_gap(root, subject) -> str | None:
+    """What keeps ``subject``'s truth under ``root`` from being used (None: nothing)."""
+    paths = bids.truth_paths(root, subject)
+    if not paths["dir"].is_dir():
+        return "no directory"
+    absent = [paths[k].name for k in TRUTH_FILES if not paths[k].is_file()]
+    return f"no {', '.join(absent)}" if absent else None
 
 
 def find_truth_root(cohort, subjects, truth_root=None) -> tuple[pathlib.Path | None, str]:
@@ -28,15 +43,14 @@ def find_truth_root(cohort, subjects, truth_root=None) -> tuple[pathlib.Path | N
     """
 
     def missing(root):
-        return [s for s in subjects if not bids.truth_paths(root, s)["dir"].is_dir()]
+        return [f"{s} ({why})" for s in subjects if (why := truth_gap(root, s))]
 
     if truth_root is not None:
         root = pathlib.Path(truth_root)
         lacking = missing(root)
         if lacking:
             raise ValueError(
-                f"truth_root {root} has no derivatives/truth directory for "
-                f"{', '.join(lacking[:5])}."
+                f"truth_root {root} has no complete derivatives/truth for {', '.join(lacking[:3])}."
             )
         return root, f"true Ki read from {root}/derivatives/truth"
     candidates = []
@@ -49,9 +63,12 @@ def find_truth_root(cohort, subjects, truth_root=None) -> tuple[pathlib.Path | N
         if (root / "derivatives" / "truth").is_dir():
             lacking = missing(root)
             if lacking:
-                return None, (
-                    f"no true Ki: {root}/derivatives/truth lacks {', '.join(lacking[:5])}"
+                note = (
+                    f"no true Ki: {root}/derivatives/truth is incomplete for "
+                    f"{', '.join(lacking[:3])}{' …' if len(lacking) > 3 else ''}"
                 )
+                logging.warning("%s; the evaluation goes on without the truth.", note)
+                return None, note
             return root, f"true Ki read from {root}/derivatives/truth"
     return None, "no true Ki: the cohort has no derivatives/truth (not simulated)"
 

@@ -15,6 +15,7 @@ import pathlib
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids, pipeline
-from kinetix.training import checkpoint
+from kinetix.training import checkpoint, rerun
 from kinetix.training.cohort import build_cohort
 from kinetix.training.config import load_config, validate_config
 from kinetix.training.devices import make_mesh, shard_batch
@@ -53,13 +54,19 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def restore_params(config, workdir, step: int | None = None):
-    """(graphdef, params) of a checkpoint in workdir (the latest, or ``step``), restored into an
-    abstract target.
+    """(graphdef, params) of a checkpoint in workdir (the latest intact one, or ``step``),
+    restored into an abstract target, after checking that ``config`` describes its weights.
+
+    Without ``step``, a damaged latest checkpoint is reported and the newest intact one is used
+    (`Checkpointer.restore_latest`).
 
     Raises:
       FileNotFoundError: workdir holds no checkpoint.
-      ValueError: there is no checkpoint at ``step`` (the sentence lists those there are), or
-        the checkpoint does not match the config's model.
+      ValueError: there is no checkpoint at ``step`` (the sentence lists those there are), the
+        checkpoint does not match the config's model, or it was trained with settings the
+        config does not have (`kinetix.training.rerun.INFERENCE_KEYS`: e.g. a config.json
+        edited after training).
+      DamagedCheckpoint: the checkpoint (every checkpoint, without ``step``) is damaged.
     """
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
@@ -74,12 +81,23 @@ def restore_params(config, workdir, step: int | None = None):
         with_data=True,
     )
     try:
-        steps = ckpt.all_steps()
-        if not steps:
+        if not ckpt.all_steps():
             raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first.")
-        restored = ckpt.restore(steps[-1] if step is None else step, abstract)
+        if step is None:
+            step, restored = ckpt.restore_latest(abstract)
+        else:
+            restored = ckpt.restore(step, abstract)
+        recorded = ckpt.settings(step)
     finally:
         ckpt.close()
+    differ = [] if recorded is None else rerun.settings_differences(recorded, config)
+    if differ:
+        raise ValueError(
+            f"the checkpoint {pathlib.Path(workdir) / 'checkpoints' / str(step)} was trained with "
+            f"other settings than {pathlib.Path(workdir) / 'config.json'} states "
+            f"({rerun.describe(differ)}; checkpoint → config.json): that config does not describe "
+            "these weights; restore the run's config.json or train again."
+        )
     return graphdef, restored["params"]
 
 
@@ -94,7 +112,9 @@ def load_for_inference(workdir, data_root=None, step: int | None = None):
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
     if data_root:
-        cohort = pipeline.Cohort.from_bids(data_root)
+        cohort = pipeline.Cohort.from_bids(
+            data_root, check_plausibility=config.data.check_plausibility
+        )
     else:
         cohort = build_cohort(config, workdir)
     validate_config(config, cohort.schedule, cohort.shape)
@@ -143,7 +163,9 @@ def predict_study(config, predict_fn, study, trained, batch_slices=8, progress=T
 
     Returns:
       dict with late [X,Y,Z,T_late] (SUV), params [X,Y,Z,5] or None, ki, ki_pred_only, v0,
-      mask [X,Y,Z] — Ki from measured frames with mid-time ≥ t* up to n_early plus predicted ones.
+      mask [X,Y,Z] — Ki from measured frames with mid-time ≥ t* up to n_early plus predicted ones
+      — and warnings: sentences on implausible inputs (`study.warnings`) and on a Ki map outside
+      the plausible FDG ranges (`kinetix.data.bids.ki_problems`), also logged as warnings.
     """
     n_early = config.model.n_early
     check_schedule(study.schedule, trained, n_early, study.pet_path)
@@ -176,6 +198,11 @@ def predict_study(config, predict_fn, study, trained, batch_slices=8, progress=T
     ki, v0 = maps.volume_patlak(combined, inp, trained, fit, mask, method)
     pred_fit = maps.fit_frames(trained, float(trained.mid[n_early]))
     pred_only, _ = maps.volume_patlak(combined, inp, trained, pred_fit, mask, method)
+    # Findings on the inputs accepted with check_plausibility=False, then on Ki itself.
+    problems = bids.ki_problems(ki, mask, f"{study.subject}_Ki.nii.gz")
+    for problem in problems:  # the study's own were logged when it was read
+        logging.warning("%s", problem)
+    warnings = list(study.warnings) + problems
     mask = mask.astype(np.float32)
     return {
         "late": late,
@@ -184,14 +211,47 @@ def predict_study(config, predict_fn, study, trained, batch_slices=8, progress=T
         "ki_pred_only": pred_only,
         "v0": v0,
         "mask": mask,
+        "warnings": warnings,
     }
 
 
-def write_outputs(result, study, out_dir, overwrite=False):
-    """NIfTI maps with the input's affine and header; returns the written paths."""
+def output_names(subject: str, with_params: bool = True) -> list[str]:
+    """File names `write_outputs` writes for `subject` (maps, then the Ki sidecar JSON)."""
+    names = [
+        f"{subject}_desc-predicted_pet.nii.gz",
+        f"{subject}_Ki.nii.gz",
+        f"{subject}_desc-predonly_Ki.nii.gz",
+        f"{subject}_V0.nii.gz",
+        f"{subject}_mask.nii.gz",
+    ]
+    if with_params:
+        names += [f"{subject}_param-{n}_map.nii.gz" for n in ("fv", "K1", "k2", "k3", "k4")]
+    return names + [f"{subject}_Ki.json"]
+
+
+def _check_outputs_free(out_dir: pathlib.Path, names, overwrite: bool) -> None:
+    """FileExistsError (naming --overwrite) if any output exists, before anything is written."""
+    if overwrite:
+        return
+    for name in names:
+        if (out_dir / name).exists():
+            raise FileExistsError(
+                f"{out_dir / name} already exists; pass --overwrite to replace it."
+            )
+
+
+def write_outputs(result, study, out_dir, overwrite=False, *, sidecar: dict | None = None):
+    """NIfTI maps with the input's affine and header; returns the written paths.
+
+    Every output is checked first: with `overwrite` False, an existing one raises
+    FileExistsError before anything is written. `sidecar` (a JSON-serialisable dict) is written
+    as `<sub>_Ki.json` after the maps, with `result["warnings"]` as its "Warnings".
+    """
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sub = study.subject
+    names = output_names(sub, result["params"] is not None)
+    _check_outputs_free(out_dir, names if sidecar is not None else names[:-1], overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
     items = {
         f"{sub}_desc-predicted_pet.nii.gz": (result["late"], "predicted frames 23-28 (SUV)"),
         f"{sub}_Ki.nii.gz": (result["ki"], "Patlak Ki, measured 16-22 + predicted 23-28 (1/min)"),
@@ -210,11 +270,25 @@ def write_outputs(result, study, out_dir, overwrite=False):
         paths.append(
             bids.write_map(out_dir / name, data, study, description=desc, overwrite=overwrite)
         )
+    if sidecar is not None:
+        path = out_dir / names[-1]
+        meta = {**sidecar, "Warnings": list(result.get("warnings", []))}
+        path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        paths.append(path)
     return paths
 
 
 def predict_to_dir(
-    workdir, pet, out, blood=None, *, step=None, batch_slices=8, overwrite=False, progress=True
+    workdir,
+    pet,
+    out,
+    blood=None,
+    *,
+    step=None,
+    batch_slices=8,
+    overwrite=False,
+    progress=True,
+    check_plausibility=True,
 ) -> list[pathlib.Path]:
     """What `python -m kinetix.predict` does: restore a run, predict one study, write its maps.
 
@@ -227,17 +301,38 @@ def predict_to_dir(
       batch_slices: slices per forward pass (>= 1).
       overwrite: replace existing outputs.
       progress: show a progress bar.
+      check_plausibility: refuse image and blood values outside the plausible FDG ranges
+        (`bids.read_subject`); False proceeds and records them as warnings.
 
     Returns:
-      The written paths.
+      The written paths: the maps, then `<sub>_Ki.json` (sources, Patlak settings, "Warnings":
+      implausible inputs accepted and a Ki map outside the plausible FDG ranges).
+
+    Raises:
+      ValueError, OSError: bad arguments, unreadable or implausible inputs, an output that
+        exists (without `overwrite`) or an output directory that is not writable; all before
+        anything is computed or written.
     """
     if isinstance(batch_slices, bool) or not isinstance(batch_slices, int) or batch_slices < 1:
         raise ValueError(f"--batch_slices must be a positive integer, got {batch_slices!r}.")
+    out = bids.check_writable_dir(out, "output directory (--out)")
     config = load_config(workdir)
     trained = trained_schedule(workdir)
-    study = bids.read_subject(pet, blood)
+    study = bids.read_subject(pet, blood, check_plausibility=check_plausibility)
+    _check_outputs_free(out, output_names(study.subject), overwrite)
     graphdef, params = restore_params(config, workdir, step)
     eval_step = make_eval_step(graphdef, config, trained)
     predict_fn = make_predict_fn(eval_step, params, NamedSharding(make_mesh(), P("data")))
     result = predict_study(config, predict_fn, study, trained, batch_slices, progress)
-    return write_outputs(result, study, out, overwrite)
+    sidecar = {
+        "Description": "Patlak Ki of kinetix.predict: measured frames from t* to the last early "
+        "frame followed by the predicted late frames.",
+        "Sources": [str(study.pet_path), str(study.blood_path), str(workdir)],
+        "CheckpointStep": "latest" if step is None else int(step),
+        "Method": str(config.eval.method),
+        "TStar": float(config.kinetics.t_star),
+        "TimeUnits": "min",
+        "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
+        "SoftwareName": "kinetix",
+    }
+    return write_outputs(result, study, out, overwrite, sidecar=sidecar)

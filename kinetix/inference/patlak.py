@@ -6,8 +6,9 @@ choose the fit frames (mid-time in [t*, t_end], TPCCLIB's rule), mask the body
 (`kinetix.maps.volume_patlak`), and write `<stem>_Ki.nii.gz` (1/min = mL/min/mL),
 `<stem>_V0.nii.gz` (mL/mL), `<stem>_mask.nii.gz` (1 inside the body mask) on the image's grid
 (affine and header kept) with `<stem>_Ki.json` (method, t*, t_end, frames used, conventions,
-version). `<stem>` is the image name without `_pet.nii.gz`, e.g. `sub-01` or `sub-01_ses-1`.
-`patlak_maps` does the same on an in-memory `Study`.
+version, and "Warnings": a Ki map or inputs outside the plausible FDG ranges, docs/conventions.md,
+"Plausibility checks"). `<stem>` is the image name without `_pet.nii.gz`, e.g. `sub-01` or
+`sub-01_ses-1`. `patlak_maps` does the same on an in-memory `Study`.
 """
 
 import concurrent.futures
@@ -194,6 +195,7 @@ def patlak_sidecar(
     mask: np.ndarray,
     mask_threshold: float,
     mask_rule: str,
+    warnings=(),
 ) -> dict:
     """The `<stem>_Ki.json` sidecar of `patlak_study`: sources, fit window, conventions, mask.
 
@@ -202,6 +204,7 @@ def patlak_sidecar(
       fit: [F] indices of the fitted frames.
       method, t_star, t_end, mask_threshold, mask_rule: as in `patlak_maps` (min).
       mask: [X, Y, Z] bool body mask.
+      warnings: sentences on implausible inputs accepted and on the Ki map (`ki_warnings`).
 
     Returns:
       A JSON-serialisable dict.
@@ -226,9 +229,30 @@ def patlak_sidecar(
             "RuleName": mask_rule,
             "Rule": maps.MASK_RULE_DESCRIPTIONS[mask_rule] + "; Ki = V0 = 0 outside",
         },
+        "Warnings": list(warnings),
         "SoftwareName": "kinetix",
         "SoftwareVersion": _version(),
     }
+
+
+def ki_warnings(study: bids.Study, ki: np.ndarray, mask: np.ndarray, name: str) -> list[str]:
+    """Findings to record with a Ki map; those on Ki are logged as warnings.
+
+    Args:
+      study: the study read (its `warnings`: implausible inputs accepted with
+        `check_plausibility=False`).
+      ki: [X, Y, Z] Ki (1/min).
+      mask: [X, Y, Z] body mask.
+      name: the Ki map's file name (named in the sentences).
+
+    Returns:
+      `study.warnings` followed by `kinetix.data.bids.ki_problems` (Ki outside the plausible FDG
+      ranges of docs/conventions.md, "Plausibility checks").
+    """
+    problems = bids.ki_problems(ki, mask, name)
+    for problem in problems:  # the study's own were logged when it was read
+        logging.warning("%s: %s", _PROG, problem)
+    return list(study.warnings) + problems
 
 
 def patlak_study(
@@ -243,27 +267,37 @@ def patlak_study(
     mask_threshold: float = DEFAULT_MASK_THRESHOLD,
     mask_rule: str = DEFAULT_MASK_RULE,
     progress: bool = False,
+    check_plausibility: bool = True,
 ) -> dict[str, pathlib.Path]:
     """Reads a BIDS-PET scan, computes `patlak_maps` and writes the maps and sidecar.
 
     Args:
       pet: `*_pet.nii.gz`; its `.json` sidecar is read automatically.
-      out: output directory (created).
+      out: output directory (created when the maps are written; checked writable first).
       t_star, t_end, method, chunk_voxels, mask_threshold, progress: as in `patlak_maps`.
       blood: blood TSV; default the `*_recording-*_blood.tsv` next to the image.
       overwrite: replace existing outputs; otherwise an existing output raises FileExistsError
         before anything is read.
+      check_plausibility: refuse image and blood values outside the plausible FDG ranges
+        (`bids.read_subject`); False proceeds and records them in the sidecar's "Warnings".
 
     Returns:
-      `output_paths(pet, out)`; the sidecar is `patlak_sidecar`.
+      `output_paths(pet, out)`; the sidecar is `patlak_sidecar`, whose "Warnings" also lists a
+      Ki map outside the plausible FDG ranges (`ki_warnings`, logged as warnings too).
+
+    Raises:
+      ValueError, OSError: bad arguments, an unreadable, truncated or implausible input, an
+        existing output (without `overwrite`) or an output directory that is not writable;
+        nothing is written then.
     """
     _check_study_args(method, mask_threshold)
     paths = output_paths(pet, out)
     _check_outputs_free(paths, overwrite)
+    bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         warm = pool.submit(_warm_up, pet, blood, t_star, t_end, method, chunk_voxels)
-        study = bids.read_subject(pet, blood)
+        study = bids.read_subject(pet, blood, check_plausibility=check_plausibility)
         fit = maps.fit_frames(study.schedule, t_star, t_end)  # the window, before mask and fit
         t1 = time.perf_counter()
         warm.result()
@@ -281,7 +315,10 @@ def patlak_study(
         descr = f"Patlak {method} t*={t_star:g} min"
         for done in _submit_map_writes(pool, paths, study, ki, v0, mask, descr, overwrite):
             done.result()
-    sidecar = patlak_sidecar(study, fit, method, t_star, t_end, mask, mask_threshold, mask_rule)
+    warnings = ki_warnings(study, ki, mask, paths["ki"].name)
+    sidecar = patlak_sidecar(
+        study, fit, method, t_star, t_end, mask, mask_threshold, mask_rule, warnings
+    )
     paths["json"].write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
     logging.info(
         "%s: read %.2f s, fit %.2f s (%d mask voxels), write %.2f s -> %s",

@@ -10,6 +10,13 @@ One checkpoint per saved step under ``directory/<step>/`` with two items:
   file per process (``process_<i>-of-<n>.json``). It is written synchronously while `save` runs,
   so it records exactly the batches consumed so far, and it can only be restored with the same
   process count (and the same pipeline arguments).
+* ``settings`` (optional): a small JSON dict of what using the state correctly depends on
+  (`kinetix.training.rerun.checkpoint_settings`), read back by `settings`.
+
+A checkpoint that cannot be read (a missing array file or metadata, a truncated file) raises
+`DamagedCheckpoint`; `restore_latest` then falls back to the newest intact checkpoint, saying
+so, and can move the damaged one aside (``damaged-<step>``) so that training can write that
+step again.
 
 Usage (the training loop)::
 
@@ -29,12 +36,25 @@ swallowed.
 """
 
 import pathlib
+import time
 
 import grain
 import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint on disk that cannot be read (files missing or damaged)."""
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters."""
+    text = str(err).strip().splitlines()
+    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _abstract_leaf(x):
@@ -135,7 +155,10 @@ class Checkpointer:
         # Handlers are named up front (not inferred at the first save/restore), so that a fresh
         # manager can read a saved checkpoint's metadata and refuse a mismatched restore with a
         # clear sentence instead of Orbax's error deep inside the restore.
-        handlers = {"state": ocp.StandardCheckpointHandler()}
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "settings": ocp.JsonCheckpointHandler(),
+        }
         if self.with_data:
             handlers["data"] = grain.checkpoint.CheckpointHandler()
         self._manager = ocp.CheckpointManager(
@@ -160,7 +183,9 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     # -- save / restore --------------------------------------------------------------------------
-    def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+    def save(
+        self, step: int, state, data_iterator=None, force: bool = False, settings=None
+    ) -> bool:
         """Saves `state` (and the iterator's position) at `step` if due; collective.
 
         Args:
@@ -171,6 +196,7 @@ class Checkpointer:
           force: save even if `step` is not a multiple of `save_interval_steps` (use it for the
             final step); implied at `keep_steps`. An existing checkpoint at `step` is never
             overwritten.
+          settings: a JSON-serialisable dict stored beside the state (`settings` reads it).
 
         Returns:
           True if a checkpoint was started (it finishes in the background when async).
@@ -192,21 +218,78 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if self.with_data:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if settings is not None:
+            items["settings"] = ocp.args.JsonSave(settings)
         return bool(self._manager.save(int(step), args=ocp.args.Composite(**items), force=force))
 
-    def restore_latest(self, abstract_state, data_iterator=None):
-        """Restores the newest checkpoint into `abstract_state`'s shapes, dtypes and shardings.
+    def restore_latest(self, abstract_state, data_iterator=None, move_damaged: bool = False):
+        """Restores the newest intact checkpoint into `abstract_state`'s shapes, dtypes and
+        shardings; see `restore` for the arguments and errors.
 
-        `restore` at the latest step; see it for the arguments and errors.
+        A damaged checkpoint (`DamagedCheckpoint`) is skipped with a warning for the next older
+        one; with ``move_damaged`` it is renamed ``damaged-<step>`` (kept for inspection, no
+        longer a checkpoint), so that a resumed run can save that step again.
 
         Returns:
-          (step, state), or None when the directory holds no checkpoint.
+          (step, state), or None when the directory holds no (intact) checkpoint.
+
+        Raises:
+          DamagedCheckpoint: every checkpoint on disk is damaged.
         """
         self.wait()
-        step = self._manager.latest_step()
-        if step is None:
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                return step, self.restore(step, abstract_state, data_iterator)
+            except DamagedCheckpoint as err:
+                older = [s for s in steps if s < step]
+                logging.warning(
+                    "%s%s",
+                    str(err).rstrip("."),
+                    f"; falling back to step {older[-1]}" if older else "; no older checkpoint",
+                )
+                if move_damaged:
+                    self._move_aside(step)
+        if steps:
+            raise DamagedCheckpoint(
+                f"every checkpoint in {self.directory} (steps {', '.join(map(str, steps))}) is "
+                "damaged: start a new workdir or restore the files."
+            )
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"damaged-{step}"
+        if dst.exists():
+            dst = self.directory / f"damaged-{step}-{int(time.time())}"
+        src.rename(dst)
+        self._manager.reload()
+        logging.warning("Moved the damaged checkpoint %s to %s.", src, dst)
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints of steps after ``step`` (e.g. after a divergence); returns
+        the steps deleted."""
+        self.wait()
+        gone = [s for s in self.all_steps() if s > step]
+        for s in gone:
+            self._manager.delete(s)
+        return gone
+
+    def settings(self, step: int) -> dict | None:
+        """The settings dict saved with the checkpoint of ``step``; None if it has none.
+
+        Raises:
+          DamagedCheckpoint: the settings file is there but unreadable.
+        """
+        if not (self.directory / str(step) / "settings").is_dir():
             return None
-        return step, self.restore(step, abstract_state, data_iterator)
+        try:
+            restored = self._manager.restore(
+                int(step), args=ocp.args.Composite(settings=ocp.args.JsonRestore())
+            )
+        except Exception as err:  # noqa: BLE001 - any read failure means a damaged file
+            raise self._damaged(step, _first_line(err)) from err
+        return dict(restored["settings"])
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores the checkpoint of `step` into `abstract_state`'s shapes, dtypes, shardings.
@@ -227,6 +310,7 @@ class Checkpointer:
           ValueError: if there is no checkpoint at `step` (the sentence lists those there are),
             if it does not match the target (another model or config), or if it has no iterator
             state when `data_iterator` is given.
+          DamagedCheckpoint: its files cannot be read (missing or damaged).
         """
         self.wait()
         steps = self.all_steps()
@@ -237,15 +321,17 @@ class Checkpointer:
             )
         step = int(step)
         target = jax.tree.map(_abstract_leaf, abstract_state)
-        saved = self._manager.item_metadata(step)
-        if "state" in saved and saved["state"] is not None:
-            tree = getattr(saved["state"], "tree", saved["state"])
-            problem = _describe_mismatch(tree, target)
-            if problem is not None:
-                raise ValueError(
-                    f"The checkpoint {self.directory / str(step)} does not match this "
-                    f"model/config: {problem}."
-                )
+        where = self.directory / str(step)
+        try:
+            saved = self._manager.item_metadata(step)
+            tree = saved["state"] if "state" in saved else None
+        except Exception as err:  # noqa: BLE001 - any read failure means a damaged file
+            raise self._damaged(step, _first_line(err)) from err
+        if tree is None:
+            raise self._damaged(step, "its state metadata is missing")
+        problem = _describe_mismatch(getattr(tree, "tree", tree), target)
+        if problem is not None:
+            raise ValueError(f"The checkpoint {where} does not match this model/config: {problem}.")
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             if not (self.directory / str(step) / "data").is_dir():
@@ -254,8 +340,14 @@ class Checkpointer:
                     "restore without data_iterator or start a new workdir."
                 )
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # noqa: BLE001 - any read failure means a damaged file
+            raise self._damaged(step, _first_line(err)) from err
         return restored["state"]
+
+    def _damaged(self, step: int, why: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(f"The checkpoint {self.directory / str(step)} is damaged ({why}).")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def wait(self) -> None:

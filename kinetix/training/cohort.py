@@ -25,7 +25,7 @@ def build_cohort(config, workdir: pathlib.Path):
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("kinetix: simulated cohort written")
-    return pipeline.Cohort.from_bids(root)
+    return pipeline.Cohort.from_bids(root, check_plausibility=config.data.check_plausibility)
 
 
 def split_seed(config) -> int:

@@ -5,8 +5,11 @@ pytree state (`kinetix.training.step`); one code path for 1..N devices (a 1-D 'd
 batches sharded, parameters replicated); the host fetches metrics only on log steps
 (``metrics.jsonl``, a progress bar with loss, steps/s and ETA) and stops with a clear error on
 non-finite values; the workdir identifies the run: checkpoints (with the grain iterator state)
-are restored on start, so rerunning the same command resumes. The loop evaluates nothing but the
-validation loss: `kinetix.experiment.train_and_evaluate` composes training and evaluation.
+are restored on start, so rerunning the same command resumes. A rerun may change only the
+settings `kinetix.training.rerun.RESUMABLE` lists; one process trains in a workdir at a time
+(`kinetix.training.lock`); a damaged latest checkpoint is moved aside for the newest intact one.
+The loop evaluates nothing but the validation loss: `kinetix.experiment.train_and_evaluate`
+composes training and evaluation.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -24,21 +28,44 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from kinetix.data import pipeline
-from kinetix.training import checkpoint, provenance
+from kinetix.training import checkpoint, provenance, rerun
 from kinetix.training.cohort import build_cohort, split_cohort
-from kinetix.training.config import validate_config
+from kinetix.training.config import load_config, validate_config
 from kinetix.training.devices import make_mesh, shard_batch
+from kinetix.training.lock import workdir_lock
 from kinetix.training.state import create_train_state
 from kinetix.training.step import loss_mask, make_eval_step, make_train_step
 
 
-def _check_finite(step, metrics):
-    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-    if bad:
-        raise FloatingPointError(
-            f"Non-finite {', '.join(bad)} at step {step}; lower config.optim.learning_rate or "
-            "set config.optim.grad_clip, then rerun (the run resumes from the last checkpoint)."
-        )
+@jax.jit
+def _all_finite(tree):
+    """One boolean: every element of every floating leaf of ``tree`` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _diverged(ckpt, what: str, step: int, verified: int) -> FloatingPointError:
+    """Discards the checkpoints not known to be finite; the error that says what to do.
+
+    ``verified`` is the newest step whose state is known to be good (a finite loss was logged
+    after it, or the run resumed from it): checkpoints after it may hold the diverging state,
+    so they are deleted and the advised rerun resumes from before the divergence.
+    """
+    gone = ckpt.discard_after(verified)
+    kept = ckpt.all_steps()
+    resume = f"step {kept[-1]}" if kept else "the start (no checkpoint was kept)"
+    dropped = (
+        f"the checkpoints of steps {', '.join(map(str, gone))} were discarded and " if gone else ""
+    )
+    return FloatingPointError(
+        f"non-finite {what} at step {step}: training diverged; {dropped}a rerun resumes from "
+        f"{resume}. Lower config.optim.learning_rate (e.g. ten times) or set "
+        "config.optim.grad_clip (e.g. 1.0), then rerun the same command with that override."
+    )
 
 
 def evaluate_loss(eval_step, params, cohort, subjects, config, sharding):
@@ -200,15 +227,43 @@ def train(
 
     Returns:
       a `TrainResult`.
+
+    Raises:
+      ValueError: nothing to train (``num_steps`` < 1 and no checkpoint), the workdir is in use
+        by another run (`kinetix.training.lock`), or it holds a run with settings this config
+        changes (`kinetix.training.rerun`); all before anything is written.
+      FloatingPointError: the loss or the parameters became non-finite; the checkpoints not
+        known to be finite are discarded first (the advised rerun resumes before the
+        divergence). No checkpoint is ever written from a non-finite state.
     """
     workdir = pathlib.Path(workdir)
+    check_trainable(config, workdir)
+    with workdir_lock(workdir, "kinetix.train"):
+        return _train(config, workdir, int(config.train.num_steps), provenance_kw)
+
+
+def check_trainable(config, workdir) -> None:
+    """Refuses ``train.num_steps`` < 1 on a workdir without a checkpoint (nothing to do)."""
     num_steps = int(config.train.num_steps)
-    if num_steps < 1 and not checkpoint.has_checkpoint(workdir / "checkpoints"):
+    if num_steps < 1 and not checkpoint.has_checkpoint(pathlib.Path(workdir) / "checkpoints"):
         raise ValueError(
             f"config.train.num_steps = {num_steps} and {workdir} holds no checkpoint: there is "
             "nothing to train or evaluate (num_steps = 0 only re-evaluates a trained run)."
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resumable(config, workdir: pathlib.Path) -> None:
+    """Refuses a rerun that changes the run's data, split or model (`rerun.check_rerun`) and
+    logs the settings it changes that resuming allows."""
+    if not (workdir / "config.json").exists():
+        return
+    allowed = rerun.check_rerun(load_config(workdir), config)
+    if allowed:
+        logging.info("Rerun with changed settings: %s", rerun.describe(allowed))
+
+
+def _train(config, workdir: pathlib.Path, num_steps: int, provenance_kw) -> TrainResult:
+    check_resumable(config, workdir)
     cohort = build_cohort(config, workdir)
     schedule = cohort.schedule
     validate_config(config, schedule, cohort.shape)
@@ -266,11 +321,12 @@ def train(
         keep_steps=config.train.keep_checkpoint_steps,
     )
     history = []
+    settings = rerun.checkpoint_settings(config)
     try:
         abstract = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
         )
-        restored = ckpt.restore_latest(abstract, train_iter)
+        restored = ckpt.restore_latest(abstract, train_iter, move_damaged=True)
         if restored is not None:
             start, state = restored
             logging.info("Resumed from step %d in %s", start, workdir)
@@ -303,19 +359,22 @@ def train(
             if jax.process_index() == 0:
                 (workdir / "init_trials.json").write_text(json.dumps(trials, indent=1))
             # A resumed run continues the winner instead of repeating the trials.
-            ckpt.save(int(jax.device_get(state["step"])), state, train_iter, force=True)
+            ckpt.save(
+                int(jax.device_get(state["step"])), state, train_iter, force=True, settings=settings
+            )
         metrics_path = workdir / "metrics.jsonl"
         writer = open(metrics_path, "a") if jax.process_index() == 0 else None  # noqa: SIM115
+        start = int(jax.device_get(state["step"]))
+        bar = tqdm(
+            total=num_steps,
+            initial=start,
+            desc=f"train {config.name}",
+            disable=jax.process_index() != 0 or start >= num_steps,
+            dynamic_ncols=True,
+        )
         try:
-            start = int(jax.device_get(state["step"]))
-            bar = tqdm(
-                total=num_steps,
-                initial=start,
-                desc=f"train {config.name}",
-                disable=jax.process_index() != 0 or start >= num_steps,
-                dynamic_ncols=True,
-            )
             t_last, s_last = time.perf_counter(), start
+            verified = start  # newest step whose state is known good (see `_diverged`)
             in_flight = None  # the previous step's metrics: one step runs while the next is fed
             with jax.set_mesh(mesh):
                 for step in range(start + 1, num_steps + 1):
@@ -335,7 +394,10 @@ def train(
                     last = step == num_steps
                     if step % config.train.log_every_steps == 0 or last:
                         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        _check_finite(step, m)
+                        bad = [k for k, v in m.items() if not np.isfinite(v)]
+                        if bad:
+                            raise _diverged(ckpt, ", ".join(bad), step, verified)
+                        verified = step - 1  # this step's loss came from that state
                         now = time.perf_counter()
                         m["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
                         t_last, s_last = now, step
@@ -355,7 +417,9 @@ def train(
                             writer.write(json.dumps(record) + "\n")
                             writer.flush()
                         bar.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
-                    ckpt.save(step, state, train_iter, force=last)
+                    if (last or ckpt.should_save(step)) and not _all_finite(state["params"]):
+                        raise _diverged(ckpt, "parameters", step, verified)
+                    ckpt.save(step, state, train_iter, force=last, settings=settings)
                     if ckpt.reached_preemption(step):
                         ckpt.wait()
                         logging.warning("Preemption at step %d: checkpoint written, exiting.", step)
@@ -363,8 +427,8 @@ def train(
                 if in_flight is not None:
                     jax.block_until_ready(in_flight)
                     bar.update(1)
-            bar.close()
         finally:
+            bar.close()
             if writer:
                 writer.close()
         ckpt.wait()

@@ -15,11 +15,28 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict):
     )
 
 
+def clipped(
+    inner: optax.GradientTransformationExtraArgs, max_norm: float
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` applied to gradients clipped to global norm ``max_norm``, with ``inner``'s state.
+
+    The clipping is stateless, so it is kept out of the optimiser state: the state's structure
+    (and so a checkpoint) does not depend on whether clipping is on, and a run that diverged
+    can resume with ``config.optim.grad_clip`` set.
+    """
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None, **extra):
+        updates, _ = clip.update(updates, optax.EmptyState(), params)
+        return inner.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-    """Adam with the paper's step schedule, or RMSprop with plateau reduction (authors' code)."""
+    """Adam with the paper's step schedule, or RMSprop with plateau reduction (authors' code),
+    on gradients clipped to global norm ``optim.grad_clip`` when it is > 0."""
     parts = []
-    if optim.grad_clip:
-        parts.append(optax.clip_by_global_norm(optim.grad_clip))
     if optim.name == "adam":
         parts.append(optax.adam(learning_rate_schedule(optim)))
     else:
@@ -31,4 +48,5 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
                 min_scale=optim.plateau_min_scale,
             )
         )
-    return optax.chain(*parts)
+    chain = optax.chain(*parts)
+    return clipped(chain, optim.grad_clip) if optim.grad_clip else chain

@@ -25,12 +25,19 @@ Conversions done by `read_subject` (and nowhere else in kinetix):
 * Images must be decay-corrected (`ImageDecayCorrected: true`); otherwise reading fails.
 
 Validation failures raise `BidsError` (a `ValueError`) with one sentence that names the file and
-the key or column at fault.
+the key or column at fault. Values outside the plausible ranges for FDG (a unit mistake of 1000,
+a blood curve too sparse or starting too late) raise `ImplausibleError` (a `BidsError`) unless
+`read_subject(check_plausibility=False)`; `plausibility` holds the bounds and the checks
+(docs/conventions.md, "Plausibility checks"). `load_nifti` / `open_nifti` turn a truncated or
+corrupt NIfTI file into one sentence that names it; `check_writable_dir` checks an output
+directory before any computation.
 
-The implementation is split into `study` (units, `BidsError`, `Study`, small parsers), `read`
-(readers), `write` (writers) and `truth` (simulator ground truth); every name is re-exported here.
+The implementation is split into `study` (units, `BidsError`, `Study`, NIfTI loading, small
+parsers), `read` (readers), `plausibility` (FDG bounds), `write` (writers) and `truth` (simulator
+ground truth); every public name is re-exported here.
 """
 
+from kinetix.data.bids.plausibility import ImplausibleError, ki_problems
 from kinetix.data.bids.read import (
     BLOOD_COVER_RTOL,
     MAX_BODY_WEIGHT_KG,
@@ -40,9 +47,18 @@ from kinetix.data.bids.read import (
     read_participants,
     read_subject,
 )
-from kinetix.data.bids.study import DOSE_UNITS, HALF_LIFE_MIN, IMAGE_UNITS, BidsError, Study
+from kinetix.data.bids.study import (
+    DOSE_UNITS,
+    HALF_LIFE_MIN,
+    IMAGE_UNITS,
+    BidsError,
+    Study,
+    load_nifti,
+    open_nifti,
+)
 from kinetix.data.bids.truth import read_truth, truth_paths, write_truth
 from kinetix.data.bids.write import (
+    check_writable_dir,
     write_dataset_description,
     write_map,
     write_participants,
@@ -58,8 +74,13 @@ __all__ = [
     "MAX_FRAME_START_S",
     "MAX_SCAN_S",
     "BidsError",
+    "ImplausibleError",
     "Study",
+    "check_writable_dir",
     "find_subjects",
+    "ki_problems",
+    "load_nifti",
+    "open_nifti",
     "read_participants",
     "read_subject",
     "read_truth",

@@ -10,9 +10,10 @@ import math
 import pathlib
 from collections.abc import Mapping
 
-import nibabel as nib
 import numpy as np
+from absl import logging
 
+from kinetix.data.bids import plausibility
 from kinetix.data.bids.study import (
     DOSE_UNITS,
     IMAGE_UNITS,
@@ -30,6 +31,8 @@ from kinetix.data.bids.study import (
     _require,
     _subject_from_name,
     _unit,
+    nifti_data,
+    open_nifti,
 )
 from kinetix.kinetics.frames import FrameSchedule
 
@@ -275,6 +278,12 @@ def _read_blood(blood_path: pathlib.Path, scan_end_s: float):
         )
     plasma = _float_column(columns["plasma_radioactivity"], "plasma_radioactivity", blood_path)
     plasma = plasma * _blood_units("plasma_radioactivity", meta, meta_path)
+    if np.any(np.isinf(plasma)):
+        i = int(np.nonzero(np.isinf(plasma))[0][0])
+        raise BidsError(
+            f"{blood_path} column 'plasma_radioactivity' has a non-finite value ({plasma[i]}) "
+            f"at {times[i]:.6g} s."
+        )
     keep = ~np.isnan(plasma)  # BIDS 'n/a': rows where only whole blood was measured
     if np.count_nonzero(keep) < 2 or not np.all(np.isfinite(plasma[keep])):
         raise BidsError(
@@ -292,14 +301,45 @@ def _read_blood(blood_path: pathlib.Path, scan_end_s: float):
             columns["whole_blood_radioactivity"], "whole_blood_radioactivity", blood_path
         )
         wb = wb * _blood_units("whole_blood_radioactivity", meta, meta_path)
-        ok = np.isfinite(wb)
+        if np.any(np.isinf(wb)):
+            i = int(np.nonzero(np.isinf(wb))[0][0])
+            raise BidsError(
+                f"{blood_path} column 'whole_blood_radioactivity' has a non-finite value "
+                f"({wb[i]}) at {times[i]:.6g} s."
+            )
+        ok = np.isfinite(wb)  # NaN: BIDS 'n/a'
         if np.count_nonzero(ok) >= 2:
             # Whole blood missing at some plasma rows: linear interpolation in time.
             whole = np.where(ok[keep], wb[keep], np.interp(t_plasma, times[ok], wb[ok]))
     return t_plasma, plasma[keep], whole
 
 
-def read_subject(pet_path, blood_path=None) -> Study:
+def _blood_checks(
+    blood_path: pathlib.Path,
+    t_min: np.ndarray,
+    curves_bqml: dict[str, np.ndarray | None],
+    suv_factor: float,
+    scan_end_min: float,
+    injection_min: float,
+) -> list[str]:
+    """Hard faults of the blood curves (raised here, with the file's Bq/mL values) and their
+    soft problems (returned, judged in SUV from the injection at `injection_min`)."""
+    meta_path = blood_path.with_name(blood_path.name[: -len(".tsv")] + ".json")
+    problems = []
+    for column, values in curves_bqml.items():
+        if values is None:
+            continue
+        faults = plausibility.blood_faults(t_min, values, column, blood_path)
+        if faults:
+            raise BidsError(faults[0])
+        hint = f", see '{column}.Units' in {meta_path.name} (Bq/mL when absent) and the dose"
+        problems += plausibility.blood_problems(
+            t_min, values * suv_factor, column, blood_path, scan_end_min, hint, injection_min
+        )
+    return problems
+
+
+def read_subject(pet_path, blood_path=None, *, check_plausibility: bool = True) -> Study:
     """Reads and validates one BIDS-PET scan, converted to SUV and minutes.
 
     Args:
@@ -307,14 +347,22 @@ def read_subject(pet_path, blood_path=None) -> Study:
       blood_path: the blood TSV; default: the `*_recording-*_blood.tsv` next to the image with
         the same entities (`recording-manual` preferred when several exist). Its optional
         `.json` gives column units (default Bq/mL; times must be seconds).
+      check_plausibility: refuse image and blood values outside the plausible ranges for FDG
+        (`kinetix.data.bids.plausibility`; docs/conventions.md, "Plausibility checks"). False
+        logs them as warnings and keeps them in `Study.warnings` instead (another tracer, a
+        phantom, an animal). Non-finite, negative or empty blood curves and images without a
+        positive voxel are refused either way.
 
     Returns:
       A `Study`: frames [X, Y, Z, T] (SUV), schedule (min), plasma/whole blood (min, SUV).
 
     Raises:
-      BidsError: on a missing file or key, unknown units, inconsistent frame counts, a non-4-D
-        image, non-finite voxels, non-decay-corrected images, frame or blood times that are not
-        increasing or look like clock times / minutes, or blood that ends before the scan.
+      BidsError: on a missing file or key, unknown units, inconsistent frame counts, a non-4-D,
+        truncated or corrupt image, non-finite voxels, non-decay-corrected images, frame or
+        blood times that are not increasing or look like clock times / minutes, blood that ends
+        before the scan, or non-finite, negative or empty blood curves.
+      ImplausibleError: (a BidsError) with `check_plausibility`, values outside the plausible
+        FDG ranges.
     """
     pet_path = pathlib.Path(pet_path)
     if not pet_path.is_file():
@@ -324,10 +372,7 @@ def read_subject(pet_path, blood_path=None) -> Study:
     sidecar_path = pet_path.with_name(stem + ".json")
     sidecar = _load_json(sidecar_path, "PET sidecar")
 
-    try:
-        img = nib.load(pet_path)
-    except Exception as err:  # nibabel raises several types for unreadable files
-        raise BidsError(f"{pet_path} cannot be read as NIfTI ({err}).") from err
+    img = open_nifti(pet_path, "PET image")
     if len(img.shape) != 4:
         raise BidsError(
             f"{pet_path} is {len(img.shape)}-D with shape {tuple(img.shape)}; kinetix needs a "
@@ -349,9 +394,15 @@ def read_subject(pet_path, blood_path=None) -> Study:
             )
 
     blood_path = _find_blood(pet_path) if blood_path is None else pathlib.Path(blood_path)
-    t_s, plasma_bqml, whole_bqml = _read_blood(blood_path, float(schedule.end[-1]) * 60.0)
+    scan_end_min = float(schedule.end[-1])
+    t_s, plasma_bqml, whole_bqml = _read_blood(blood_path, scan_end_min * 60.0)
+    curves = {"plasma_radioactivity": plasma_bqml, "whole_blood_radioactivity": whole_bqml}
+    t_inj = _number(sidecar.get("InjectionStart", 0.0), "InjectionStart", sidecar_path) / 60.0
+    problems = _blood_checks(blood_path, t_s / 60.0, curves, suv_factor, scan_end_min, t_inj)
+    if problems and check_plausibility:
+        raise plausibility.refusal(problems[0])  # before decoding the image
 
-    data = img.get_fdata(dtype=np.float32, caching="unchanged")  # scaling applied
+    data = nifti_data(img, pet_path, "PET image", np.float32)  # scaling applied
     n_nan = int(np.count_nonzero(np.isnan(data)))
     n_inf = int(np.count_nonzero(np.isinf(data)))
     if n_nan or n_inf:
@@ -359,7 +410,16 @@ def read_subject(pet_path, blood_path=None) -> Study:
             f"{pet_path} has {n_nan + n_inf} non-finite voxel values ({n_nan} NaN, {n_inf} "
             "infinite); kinetix needs finite images."
         )
+    faults = plausibility.image_faults(data, pet_path)
+    if faults:
+        raise BidsError(faults[0])
     frames = data * np.float32(image_scale * suv_factor)  # [X, Y, Z, T] SUV
+    hint = f", see 'Units', 'InjectedRadioactivityUnits' and 'BodyWeight' in {sidecar_path.name}"
+    problems += plausibility.image_problems(frames, schedule, pet_path, hint)
+    if problems and check_plausibility:
+        raise plausibility.refusal(problems[0])
+    for problem in problems:
+        logging.warning("%s", problem)
 
     return Study(
         frames=frames,
@@ -375,4 +435,5 @@ def read_subject(pet_path, blood_path=None) -> Study:
         sidecar=sidecar,
         decay_constant=decay_constant,
         blood_path=blood_path,
+        warnings=tuple(problems),
     )

@@ -10,10 +10,12 @@ import json
 import math
 import pathlib
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 
 from kinetix.kinetics.frames import F18_DECAY_CONSTANT, F18_HALF_LIFE_MIN, FrameSchedule
 from kinetix.kinetics.input_function import SampledInput
@@ -74,6 +76,8 @@ class Study:
       sidecar: the `*_pet.json` contents.
       decay_constant: decay constant of the tracer's radionuclide (1/min).
       blood_path: the blood TSV read, or None.
+      warnings: sentences on values outside the plausible FDG ranges that were accepted because
+        the study was read with `check_plausibility=False` (`kinetix.data.bids.plausibility`).
     """
 
     frames: np.ndarray
@@ -89,6 +93,7 @@ class Study:
     sidecar: dict = dataclasses.field(default_factory=dict)
     decay_constant: float = F18_DECAY_CONSTANT
     blood_path: pathlib.Path | None = None
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self):
         frames = np.asarray(self.frames, dtype=np.float32)
@@ -132,6 +137,72 @@ class Study:
         if self.whole_blood is None:
             return None
         return SampledInput(self.plasma_times, self.whole_blood)
+
+
+# ------------------------------------------------------------------------------------------------
+# NIfTI files
+# ------------------------------------------------------------------------------------------------
+NIFTI_READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError)
+"""What nibabel raises on a truncated, corrupt or unreadable file: `EOFError` (a truncated
+.nii.gz), `zlib.error` (corrupt compressed data), `OSError` (gzip CRC errors, a truncated .nii,
+permissions), `ValueError` and `ImageFileError` (a header that is not NIfTI)."""
+
+
+def _nifti_error(path: pathlib.Path, what: str, err: BaseException) -> BidsError:
+    detail = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, PermissionError):
+        return BidsError(f"The {what} {path} cannot be read: permission denied.")
+    return BidsError(
+        f"The {what} {path} is truncated or corrupt and cannot be read as NIfTI ({detail})."
+    )
+
+
+def open_nifti(path, what: str = "NIfTI image"):
+    """The nibabel image of `path` with its header read (voxels are decoded later, lazily).
+
+    Args:
+      path: a `.nii.gz` or `.nii` file.
+      what: what the file is, for the sentence (e.g. "PET image", "truth file").
+
+    Raises:
+      BidsError: the file does not exist, or its header cannot be read (one sentence naming it).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise BidsError(f"The {what} {path} does not exist.")
+    try:
+        return nib.load(path)
+    except NIFTI_READ_ERRORS as err:
+        raise _nifti_error(path, what, err) from err
+
+
+def nifti_data(img, path, what: str = "NIfTI image", dtype=np.float32) -> np.ndarray:
+    """The voxels of an image from `open_nifti` as `dtype` (scaling applied for floats).
+
+    Raises:
+      BidsError: the data cannot be decoded (a truncated or corrupt file), naming `path`.
+    """
+    try:
+        if np.issubdtype(np.dtype(dtype), np.floating):
+            return img.get_fdata(dtype=dtype, caching="unchanged")
+        return np.asarray(img.dataobj, dtype=dtype)
+    except NIFTI_READ_ERRORS as err:
+        raise _nifti_error(pathlib.Path(path), what, err) from err
+
+
+def load_nifti(path, what: str = "NIfTI image", dtype=np.float32):
+    """(voxels as `dtype`, nibabel image) of a NIfTI file; every read failure is one sentence.
+
+    Args:
+      path: a `.nii.gz` or `.nii` file.
+      what: what the file is, for the sentence (e.g. "PET image", "truth file").
+      dtype: the voxels' NumPy type (float types get the header's scaling).
+
+    Raises:
+      BidsError: the file is missing, truncated, corrupt or unreadable (names it).
+    """
+    img = open_nifti(path, what)
+    return nifti_data(img, path, what, dtype), img
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ import pathlib
 import re
 from collections.abc import Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 
-from kinetix.data.bids.study import BidsError, _read_tsv
+from kinetix.data.bids.study import BidsError, _read_tsv, load_nifti
 from kinetix.data.bids.write import (
     _check_affine,
     _check_free,
@@ -200,7 +199,7 @@ def read_truth(root, subject: str) -> dict:
       int32, "label_names": {int: str}, "affine": [4, 4]}.
 
     Raises:
-      BidsError: if a truth file is missing.
+      BidsError: if a truth file is missing, truncated or corrupt.
     """
     paths = truth_paths(root, subject, ())
     base, sub = paths["dir"], paths["dir"].name
@@ -213,10 +212,8 @@ def read_truth(root, subject: str) -> dict:
     )
 
     def load(path: pathlib.Path, dtype):
-        if not path.is_file():
-            raise BidsError(f"The truth file {path} does not exist.")
-        img = nib.load(path)
-        return np.asarray(img.dataobj, dtype=dtype), img.affine
+        data, img = load_nifti(path, "truth file", dtype)  # one sentence if missing or corrupt
+        return data, img.affine
 
     noisefree, affine = load(paths["noisefree"], np.float32)
     table = _read_tsv(paths["label_table"])

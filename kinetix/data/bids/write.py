@@ -9,8 +9,10 @@ names from `kinetix.data.bids`.
 import importlib.metadata
 import json
 import math
+import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 
 import nibabel as nib
@@ -18,6 +20,53 @@ import numpy as np
 
 from kinetix.data.bids.study import Study, _is_number
 from kinetix.kinetics.frames import FrameSchedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Output directories
+# ------------------------------------------------------------------------------------------------
+def check_writable_dir(directory, what: str = "output directory") -> pathlib.Path:
+    """Checks, before any computation, that files can be written in `directory`; changes nothing.
+
+    An existing directory must accept a new file (a temporary file is created and removed). A
+    missing one is not created here: its nearest existing ancestor must be a directory that
+    accepts a new subdirectory (a temporary one is created and removed), so that a run that fails
+    later leaves no empty directory behind.
+
+    Args:
+      directory: the output directory.
+      what: how the sentence names it, e.g. "--out directory".
+
+    Returns:
+      `directory` as a `pathlib.Path`.
+
+    Raises:
+      PermissionError: the directory (or the ancestor it would be created in) is not writable.
+      OSError: it exists and is not a directory, or an ancestor is a file, or another OS error.
+    """
+    directory = pathlib.Path(directory)
+    probe = directory
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == directory:
+            raise NotADirectoryError(f"The {what} {directory} exists and is not a directory.")
+        raise NotADirectoryError(
+            f"The {what} {directory} cannot be created: {probe} is not a directory."
+        )
+    try:
+        if probe == directory:
+            fd, name = tempfile.mkstemp(prefix=".kinetix-write-test-", dir=directory)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".kinetix-write-test-", dir=probe))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = "" if probe == directory else f" (it would be created in {probe})"
+        kind = PermissionError if isinstance(err, PermissionError) else OSError
+        raise kind(f"The {what} {directory} is not writable{where}: {reason}.") from err
+    return directory
 
 
 # ------------------------------------------------------------------------------------------------

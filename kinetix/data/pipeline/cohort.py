@@ -106,6 +106,7 @@ class Cohort:
         cache_size: int = DEFAULT_CACHE_SIZE,
     ):
         """Use `from_bids` or `from_studies`."""
+        self._check_plausibility = True
         if not entries:
             raise ValueError("A Cohort needs at least one subject.")
         cache_size = int(cache_size)
@@ -160,7 +161,14 @@ class Cohort:
         )
 
     @classmethod
-    def from_bids(cls, root, *, cache_size: int | None = None, validate: bool = False) -> "Cohort":
+    def from_bids(
+        cls,
+        root,
+        *,
+        cache_size: int | None = None,
+        validate: bool = False,
+        check_plausibility: bool = True,
+    ) -> "Cohort":
         """A lazy cohort over a BIDS-PET dataset (one PET image per subject).
 
         Reads only NIfTI headers and sidecars here; voxels, blood curves and the remaining
@@ -172,6 +180,8 @@ class Cohort:
             as many as fit in `DEFAULT_CACHE_BYTES`, at least `DEFAULT_CACHE_SIZE`.
           validate: if True, read every subject once now (full `read_subject` validation,
             slow: decodes every image), so bad files fail before training starts.
+          check_plausibility: refuse implausible images and blood curves when a subject is
+            read (`bids.read_subject`; docs/conventions.md, "Plausibility checks").
 
         Raises:
           ValueError: (`BidsError`) on an empty root, unreadable headers or sidecars, a subject
@@ -192,6 +202,7 @@ class Cohort:
             fit = max(DEFAULT_CACHE_SIZE, DEFAULT_CACHE_BYTES // largest)
             cache_size = min(fit, len(entries))  # no slots beyond the cohort
         cohort = cls(entries, None, cache_size)
+        cohort._check_plausibility = bool(check_plausibility)
         if validate:
             for subject in cohort.subjects:
                 cohort.study(subject)
@@ -249,7 +260,7 @@ class Cohort:
                     self._cache.move_to_end(subject)
                     return self._cache[subject]
             entry = self._entries[subject]
-            st = bids.read_subject(entry.path)
+            st = bids.read_subject(entry.path, check_plausibility=self._check_plausibility)
             if (
                 not _same_schedule(st.schedule, entry.schedule)
                 or tuple(st.frames.shape[:3]) != entry.shape
