@@ -29,4 +29,5 @@ def get_config():
     config.train.checkpoint_every_steps = 2
     config.train.eval_batch_size = 4
     config.eval.max_figures = 1
+    config.eval.fit_2tcm = False  # the 2TCM-fit routes cost a compilation; tested on their own
     return config

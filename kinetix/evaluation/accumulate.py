@@ -92,14 +92,15 @@ def check_params(out, shape, name) -> np.ndarray | None:
     return params
 
 
-def _predict(batch, predictors: dict, shape) -> tuple[dict, np.ndarray | None]:
-    """({name: frames}, the proposed network's parameter maps or None) of every predictor."""
-    predictions, params = {}, None
+def _predict(batch, predictors: dict, shape) -> tuple[dict, dict]:
+    """({name: frames}, {name: parameter maps, for the predictors that give them})."""
+    predictions, params = {}, {}
     for name, (label, fn) in predictors.items():
         raw = fn(batch)
         predictions[name] = check_prediction(raw, shape, label)
-        if name == "proposed":
-            params = check_params(raw, shape[:3], label)
+        p = check_params(raw, shape[:3], label)
+        if p is not None:
+            params[name] = p
     return predictions, params
 
 
@@ -133,7 +134,7 @@ def batch_maps(batch, cohort, predictors: dict, routes, windows, truth_cache) ->
     zs = [int(z) for z in batch["slice"]]
     truth = None if truth_cache is None else truth_cache.batch(names)
     truth_ki = _truth_slices(truth, zs, "ki")
-    ki = kr.batch_ki(routes, windows, measured, predictions, x, cp, mask, truth_ki)
+    ki = kr.batch_ki(routes, windows, measured, predictions, x, cp, mask, truth_ki, params)
     suv = {"measured": measured[..., -1] * mask}
     suv.update({name: p[..., -1] * mask for name, p in predictions.items()})
     if truth is not None:
@@ -145,7 +146,7 @@ def batch_maps(batch, cohort, predictors: dict, routes, windows, truth_cache) ->
         mask,
         measured,
         predictions,
-        params,
+        params.get("proposed"),
         np.asarray(x, np.float64),
         np.asarray(cp, np.float64),
         ki,

@@ -19,6 +19,7 @@ _DIGITS = {"ssim": 4, "psnr": 2, "nrmse": 4, "nmi": 4, "ms_ssim": 4}
 TABLE_TITLES = {
     "ki_vs_reference": "Ki against the 65-min Patlak reference",
     "ki_vs_truth": "Ki against the true Ki (simulation)",
+    "ki_vs_fit65": "Ki against the 2TCM fit of the whole scan (a second reference)",
     "suv_last_frame": "SUV of the last frame against the measured last frame",
     "suv_last_frame_vs_truth": "SUV of the last frame against the noise-free truth (simulation)",
 }

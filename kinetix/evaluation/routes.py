@@ -6,12 +6,16 @@ A route says which frames its Patlak fit uses and in which window:
 - **spliced**: the measured frames before `n_early` followed by a network's predicted frames
   (`kinetix.maps.splice`), the paper's proposed method;
 - **predicted**: a network's predicted frames only (the authors' variant);
+- **rates**: no Patlak: Ki = (1 − fv)·K1·k3/(k2 + k3) of a prediction's 2TCM parameters (the
+  voxel-level uptake Patlak estimates), e.g. of a voxelwise 2TCM fit;
 - **truth**: no fit, the simulator's voxel-level Ki (`derivatives/truth`).
 
 The windows are those of `KiWindows` (frames chosen by mid-time, minutes). A route that uses a
 prediction names it: "proposed" is the evaluated network's (`predict_fn`), "direct" the
 "without model" ablation's (`ablation_fn`); a route is evaluated when its prediction (and, for
-the truth, the truth) is available. Adding a route is one `register(Route(...))`: the Ki maps,
+the truth, the truth) is available; "fit35" and "fit65" are voxelwise 2TCM fits of the measured
+frames of 0–35 and 0–65 min (`kinetix.evaluation.fits`, with ``config.eval.fit_2tcm``). Adding a
+route is one `register(Route(...))`: the Ki maps,
 the tables, the per-tissue and ROI statistics, the figures and the report follow from the
 registry. Time in minutes, Ki in mL/min/mL.
 """
@@ -26,15 +30,21 @@ import numpy as np
 import kinetix.kinetics as kk
 from kinetix import maps
 
-MEASURED, SPLICED, PREDICTED, TRUTH = "measured", "spliced", "predicted", "truth"
+MEASURED, SPLICED, PREDICTED, RATES, TRUTH = "measured", "spliced", "predicted", "rates", "truth"
 """What a route fits: the measured frames, measured + predicted frames, predicted frames only,
-or nothing (the true Ki)."""
+or nothing (Ki from a prediction's 2TCM rates, or the true Ki)."""
 
-FRAME_KINDS = (MEASURED, SPLICED, PREDICTED, TRUTH)
+FRAME_KINDS = (MEASURED, SPLICED, PREDICTED, RATES, TRUTH)
 
-PREDICTION_LABELS = {"proposed": "kinetix (predicted)", "direct": "direct net (predicted)"}
-"""The predictions a route can use: "proposed" (`predict_fn`, the evaluated network) and
-"direct" (`ablation_fn`, the "without model" ablation), with their display names."""
+PREDICTION_LABELS = {
+    "proposed": "kinetix (predicted)",
+    "direct": "direct net (predicted)",
+    "fit35": "2TCM fit 0-35 (extrapolated)",
+    "fit65": "2TCM fit 0-65",
+}
+"""The predictions a route can use: "proposed" (`predict_fn`, the evaluated network), "direct"
+(`ablation_fn`, the "without model" ablation), "fit35" / "fit65" (voxelwise 2TCM fits of the
+measured frames of 0–35 / 0–65 min), with their display names."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,14 +156,16 @@ class Route:
     def __post_init__(self):
         if self.frames not in FRAME_KINDS:
             raise ValueError(f"Route {self.name}: frames must be one of {FRAME_KINDS}.")
-        uses_prediction = self.frames in (SPLICED, PREDICTED)
+        uses_prediction = self.frames in (SPLICED, PREDICTED, RATES)
         if uses_prediction != (self.prediction in PREDICTION_LABELS):
             raise ValueError(
                 f"Route {self.name}: a {self.frames} route needs "
                 f"{'a' if uses_prediction else 'no'} prediction from {list(PREDICTION_LABELS)}."
             )
-        if (self.frames == TRUTH) != (self.window is None):
-            raise ValueError(f"Route {self.name}: every route but the truth needs a window.")
+        if (self.frames in (TRUTH, RATES)) != (self.window is None):
+            raise ValueError(
+                f"Route {self.name}: Patlak routes need a window; truth and rates routes none."
+            )
 
     @property
     def needs(self) -> str | None:
@@ -175,6 +187,8 @@ class Route:
             return self.note.format(**fields)
         if self.frames == TRUTH:
             return f"{self.label}: read from the ground truth."
+        if self.frames == RATES:
+            return f"{self.label}: (1 - fv)·K1·k3/(k2 + k3) of the {self.prediction} parameters."
         return (
             f"{self.label}: Patlak on the {self.frames} frames "
             f"({fields['span'][self.window]}, {self.window} window)."
@@ -253,6 +267,32 @@ for _route in (
         "frames only ({span[proposed_late]}), as for the kinetic network.",
     ),
     Route(
+        "fit35_rates",
+        "2TCM fit 0-35, Ki from rates",
+        RATES,
+        prediction="fit35",
+        note="2TCM fit 0-35 = a bounded weighted least-squares 2TCM fit of each voxel's measured "
+        "frames up to {late_t_star:g} min (kinetix.maps.volume_fit); Ki = (1 - fv)·K1·k3/(k2 "
+        "+ k3).",
+    ),
+    Route(
+        "fit35",
+        "2TCM fit 0-35 extrap. + Patlak",
+        SPLICED,
+        "proposed",
+        "fit35",
+        note="2TCM fit extrapolated = the 0-35 min fit's frames replace every frame >= "
+        "{first_predicted}, then the proposed method's Patlak fit ({span[proposed]}).",
+    ),
+    Route(
+        "fit65_rates",
+        "2TCM fit 0-65, Ki from rates",
+        RATES,
+        prediction="fit65",
+        note="2TCM fit 0-65 = the same fit of every measured frame: a second reference, as a "
+        "kinetic modeller with the full scan would compute Ki.",
+    ),
+    Route(
         "truth",
         "true Ki",
         TRUTH,
@@ -314,8 +354,22 @@ def route_frames(route: Route, measured, predictions: Mapping, n_early: int):
     return maps.splice(measured, pred, n_early) if route.frames == SPLICED else pred
 
 
+def rates_ki(params) -> np.ndarray:
+    """Voxel-level Ki (1 − fv)·K1·k3/(k2 + k3) of 2TCM parameters [..., 5] (mL/min/mL)."""
+    p = np.asarray(params, np.float64)
+    return np.asarray((1.0 - p[..., 0]) * kk.ki_from_rates(p[..., 1], p[..., 2], p[..., 3]))
+
+
 def batch_ki(
-    routes, windows: KiWindows, measured, predictions: Mapping, x, cp, mask, truth_ki=None
+    routes,
+    windows: KiWindows,
+    measured,
+    predictions: Mapping,
+    x,
+    cp,
+    mask,
+    truth_ki=None,
+    params: Mapping | None = None,
 ) -> dict[str, np.ndarray]:
     """Masked Ki maps of a batch of slices by every route.
 
@@ -327,6 +381,7 @@ def batch_ki(
       x, cp: [B, T] Patlak coordinates (`patlak_coordinates`).
       mask: [B, H, W] body mask (0 / 1).
       truth_ki: [B, H, W] true Ki, for a TRUTH route.
+      params: {prediction name: [B, H, W, 5] 2TCM parameters}, for RATES routes.
 
     Returns:
       {route name: [B, H, W] Ki × mask (mL/min/mL)}, in the order of `routes`.
@@ -335,6 +390,9 @@ def batch_ki(
     for route in routes:
         if route.frames == TRUTH:
             out[route.name] = truth_ki * mask
+            continue
+        if route.frames == RATES:
+            out[route.name] = (rates_ki(params[route.prediction]) * mask).astype(np.float32)
             continue
         frames = route_frames(route, measured, predictions, windows.n_early)
         idx = windows.indices(route.window)

@@ -29,7 +29,7 @@ from absl import logging
 from kinetix import inference
 from kinetix.data import bids, pipeline
 from kinetix.evaluation import accumulate as acc
-from kinetix.evaluation import report
+from kinetix.evaluation import fits, report
 from kinetix.evaluation import routes as kr
 from kinetix.evaluation import tables as kt
 from kinetix.evaluation.truth import TruthCache, find_truth_root
@@ -305,6 +305,9 @@ def evaluate_run(
     predictors = {"proposed": ("predict_fn", predict_fn)}
     if ablation_fn is not None:
         predictors["direct"] = ("ablation_fn", ablation_fn)
+    if _config_value(config, "eval.fit_2tcm", False):  # the voxelwise 2TCM fit baselines
+        for name, kind in fits.FIT_PREDICTIONS.items():
+            predictors[name] = (name, fits.make_fit_predictor(config, cohort.schedule, kind))
     setup = _setup(config, workdir, cohort, subjects, out_dir, truth_root, list(predictors))
     logging.info("Evaluating %d subjects (%s).", len(setup.subjects), setup.truth_note)
     steps = (

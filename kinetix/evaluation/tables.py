@@ -40,6 +40,7 @@ class TableSpec:
       baseline: the row the relative changes refer to (None: none).
       needs_truth: the table exists only when the cohort has a ground truth.
       rows: extra rows before the predictions (SUV tables).
+      needs_route: the table exists only when this Ki route is evaluated (its reference).
     """
 
     kind: str
@@ -48,11 +49,15 @@ class TableSpec:
     baseline: str | None
     needs_truth: bool = False
     rows: tuple[str, ...] = ()
+    needs_route: str | None = None
 
 
 TABLES = {
     "ki_vs_reference": TableSpec("ki", "reference", "reference", "baseline"),
     "ki_vs_truth": TableSpec("ki", "truth", "truth", "baseline", needs_truth=True),
+    "ki_vs_fit65": TableSpec(
+        "ki", "fit65_rates", "fit65_rates", "baseline", needs_route="fit65_rates"
+    ),
     "suv_last_frame": TableSpec("suv", "measured", "measured", None),
     "suv_last_frame_vs_truth": TableSpec(
         "suv", "noisefree", "truth", "measured", needs_truth=True, rows=("measured",)
@@ -76,6 +81,8 @@ def table_methods(routes, predictions, has_truth: bool) -> dict[str, list[str]]:
     out = {}
     for name, spec in TABLES.items():
         if spec.needs_truth and not has_truth:
+            continue
+        if spec.needs_route and all(r.name != spec.needs_route for r in routes):
             continue
         if spec.kind == "ki":
             out[name] = [r.name for r in routes if r.name != spec.ref_map]

@@ -97,6 +97,24 @@ class FengInput:
     def __repr__(self):
         return f"FengInput(params={self.params!r})"
 
+    def shift(self, delay):
+        """This input delayed by `delay` minutes: Cp_new(t) = Cp(t − delay), 0 before τ + delay.
+
+        A pure time shift (the Feng delay τ becomes τ + delay), differentiable in `delay` and
+        safe under `jit` / `vmap` (a traced delay is not validated). `delay` > 0 moves the curve
+        later; τ + delay may be negative (the whole curve then starts before time zero).
+
+        Args:
+          delay: scalar shift (min), concrete or traced.
+
+        Returns:
+          A new `FengInput`.
+        """
+        p = jnp.asarray(self.params)
+        delay = jnp.asarray(delay)
+        p = p.astype(jnp.result_type(p.dtype, delay.dtype, jnp.float32))
+        return type(self).tree_unflatten(None, (p.at[..., 6].add(delay.astype(p.dtype)),))
+
     def _terms(self):
         """(a [3], b [3], μ [3], τ): Cp = Σ (a_j + b_j s) e^{μ_j s}."""
         p = jnp.asarray(self.params)
@@ -230,6 +248,29 @@ class SampledInput:
 
     def __repr__(self):
         return f"SampledInput(n={jnp.shape(self.times)[-1]})"
+
+    def shift(self, delay):
+        """This input delayed by `delay` minutes: Cp_new(t) = Cp(t − delay), 0 before the first
+        (shifted) sample and held after the last.
+
+        A pure time shift (the sample times move by `delay`), safe under `jit` / `vmap` (a
+        traced delay is not validated). `delay` > 0 moves the curve later; shifted sample times
+        may be negative (the curve then starts before time zero). Derivatives in `delay` are
+        exact through `conv_integral`; through `conv` they are halved at query times that
+        coincide with a shifted sample (`conv`'s `jnp.maximum(t − t_k, 0)` splits the tie), so
+        `kk.frames_and_jacobian` differentiates the blood term by parts instead.
+
+        Args:
+          delay: scalar shift (min), concrete or traced.
+
+        Returns:
+          A new `SampledInput`.
+        """
+        values = jnp.asarray(self.values)
+        delay = jnp.asarray(delay)
+        dtype = jnp.result_type(values.dtype, delay.dtype, jnp.float32)
+        times = jnp.asarray(self.times, dtype) + delay.astype(dtype)
+        return type(self).tree_unflatten(None, (times, values.astype(dtype)))
 
     def _arrays(self):
         dtype = jnp.result_type(jnp.asarray(self.values).dtype, jnp.float32)

@@ -1,10 +1,17 @@
-"""Parametric maps on arrays: batched and volume Patlak, and the named body-mask rules.
+"""Parametric maps on arrays: batched and volume Patlak, volume 2TCM fits, body-mask rules.
 
 Pure functions on top of `kinetix.kinetics` (NumPy and JAX; no I/O, no network). The training
 loss, the evaluation, `kinetix.predict` and `kinetix.parametric` all compute Patlak and body
 masks here.
 """
 
+from kinetix.maps.fit import (
+    DEFAULT_FIT_CHUNK,
+    DEFAULT_WEIGHTS,
+    MAP_KEYS,
+    fitted_frames,
+    volume_fit,
+)
 from kinetix.maps.mask import (
     MASK_PERCENTILE,
     MASK_RULE_DESCRIPTIONS,
@@ -32,6 +39,11 @@ from kinetix.maps.patlak import (
 
 __all__ = [
     "DEFAULT_CHUNK_VOXELS",
+    "DEFAULT_FIT_CHUNK",
+    "DEFAULT_WEIGHTS",
+    "MAP_KEYS",
+    "fitted_frames",
+    "volume_fit",
     "MASK_PERCENTILE",
     "MASK_RULE_DESCRIPTIONS",
     "MASK_RULES",

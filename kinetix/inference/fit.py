@@ -1,0 +1,330 @@
+"""Voxelwise 2TCM maps of a BIDS-PET scan, read from disk and written back (`kinetix.fit`).
+
+`fit_study` is what `python -m kinetix.fit` does: read the study (`kinetix.data.bids`, with its
+plausibility checks), mask the body (`kinetix.maps.volume_mask`, rule "filled" on the fitted
+frames, as `kinetix.parametric`), fit the 2TCM to every voxel's frames inside the window
+(`kinetix.maps.volume_fit`: bounded weighted least squares, `kk.fit_2tcm`), and write, on the
+image's grid, one NIfTI map per quantity with a JSON sidecar ("Description", "Units" as a
+string, "Sources"):
+
+    <stem>_param-<fv|K1|k2|k3|k4>_map.nii.gz   fitted rates (fv unitless, K1 mL/min/mL, k 1/min)
+    <stem>_param-<P>_desc-stderr_map.nii.gz    their standard errors (+inf: not identifiable)
+    <stem>_Ki.nii.gz, <stem>_desc-stderr_Ki     Ki = K1·k3/(k2 + k3) (mL/min/mL) and its SE
+    <stem>_param-delay_map(.…stderr)            the fitted input delay (min), with --fit_delay
+    <stem>_desc-wrss_map.nii.gz                 weighted residual sum of squares (SUV²)
+    <stem>_desc-converged_mask.nii.gz           1 where the solver converged
+    <stem>_mask.nii.gz                          the fitted voxels (body mask)
+    <stem>_fit.json                             model, window, weights, bounds, convergence,
+                                                warnings
+
+Every map is 0 outside the mask. `<stem>` is the image name without `_pet.nii.gz`.
+"""
+
+import importlib.metadata
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+import kinetix.kinetics as kk
+from kinetix import maps
+from kinetix.data import bids
+from kinetix.inference.patlak import DEFAULT_MASK_RULE, DEFAULT_MASK_THRESHOLD
+
+_PROG = "kinetix.fit"
+
+UNITS = {"fv": "1", "K1": "mL/min/mL", "k2": "1/min", "k3": "1/min", "k4": "1/min"}
+"""Units of the fitted rates (BIDS-style strings)."""
+
+AT_BOUND_WARNING = 0.25
+"""A fitted parameter that sits at its upper bound in more than this fraction of the voxels is
+reported (the box may be too tight, or the data do not determine it). Lower bounds are 0, which
+fv, k3 and k4 legitimately reach (no blood, no trapping, FDG's k4 ≈ 0)."""
+
+CONVERGED_WARNING = 0.9
+"""Fewer converged voxels than this fraction is reported."""
+
+
+def parse_window(window) -> tuple[float, float] | None:
+    """(start, end) in minutes from None, "START,END" or a pair; checked start < end, start ≥ 0."""
+    if window is None:
+        return None
+    if isinstance(window, str):
+        window = window.split(",")
+    try:
+        start, end = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"--window must be START,END in minutes, got {window!r}.") from None
+    if not (0 <= start < end):
+        raise ValueError(f"--window must satisfy 0 <= START < END (minutes), got {start},{end}.")
+    return start, end
+
+
+def output_paths(pet_path, out_dir, fit_delay: bool = False) -> dict[str, pathlib.Path]:
+    """{name: path} of every map `fit_study` writes (sidecars: the same name with .json)."""
+    name = pathlib.Path(pet_path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            stem = name[: -len(ext)]
+            break
+    else:
+        raise ValueError(f"--pet {pet_path} is not a NIfTI file (expected .nii.gz or .nii).")
+    stem = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+    out = pathlib.Path(out_dir)
+    names = list(kk.PARAM_NAMES) + (["delay"] if fit_delay else [])
+    paths = {}
+    for p in names:
+        paths[p] = out / f"{stem}_param-{p}_map.nii.gz"
+        paths[f"{p}_stderr"] = out / f"{stem}_param-{p}_desc-stderr_map.nii.gz"
+    paths["Ki"] = out / f"{stem}_Ki.nii.gz"
+    paths["Ki_stderr"] = out / f"{stem}_desc-stderr_Ki.nii.gz"
+    paths["wrss"] = out / f"{stem}_desc-wrss_map.nii.gz"
+    paths["converged"] = out / f"{stem}_desc-converged_mask.nii.gz"
+    paths["mask"] = out / f"{stem}_mask.nii.gz"
+    paths["summary"] = out / f"{stem}_fit.json"
+    return paths
+
+
+def sidecar_path(path: pathlib.Path) -> pathlib.Path:
+    """`x.nii.gz` -> `x.json`."""
+    return path.with_name(path.name[: -len(".nii.gz")] + ".json")
+
+
+def fit_maps(
+    study: bids.Study,
+    *,
+    window=None,
+    model: str = "2tcm",
+    fit_delay: bool = False,
+    weights: str = maps.DEFAULT_WEIGHTS,
+    mask_rule: str = DEFAULT_MASK_RULE,
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    n_starts: int = 2,
+    max_steps: int = 100,
+    chunk_voxels: int = maps.DEFAULT_FIT_CHUNK,
+    progress: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Voxelwise 2TCM fit of a study inside its body mask.
+
+    Args:
+      study: a `kinetix.data.bids.Study` (frames SUV, schedule min, plasma and whole blood).
+      window: (start, end) in min or None (the whole scan): frames wholly inside are fitted.
+      model, fit_delay, weights, n_starts, max_steps: as in `kk.fit_2tcm`.
+      mask_rule, mask_threshold: the body mask (`kinetix.maps.volume_mask`) on the fitted frames.
+      chunk_voxels: voxels per jitted call.
+      progress: a tqdm progress bar.
+
+    Returns:
+      (maps of `kinetix.maps.volume_fit` [X, Y, Z, ...], mask [X, Y, Z] bool, fitted frame
+      indices).
+    """
+    window = parse_window(window)
+    sched = study.schedule
+    if window is None:
+        fit = np.arange(sched.n_frames)
+    else:
+        fit = np.flatnonzero((sched.start >= window[0] - 1e-6) & (sched.end <= window[1] + 1e-6))
+        if fit.size == 0:
+            raise ValueError(
+                f"--window {window[0]:g},{window[1]:g} min holds no whole frame of the scan "
+                f"(0–{sched.end[-1]:g} min)."
+            )
+    mask = maps.volume_mask(study.frames, sched, mask_rule, mask_threshold, fit)
+    result = maps.volume_fit(
+        study.frames,
+        study.plasma_input(),
+        sched,
+        mask,
+        blood=study.blood_input(),
+        model=model,
+        window=window,
+        fit_delay=fit_delay,
+        weights=weights,
+        n_starts=n_starts,
+        max_steps=max_steps,
+        chunk_voxels=chunk_voxels,
+        progress=progress,
+    )
+    return result, mask, fit
+
+
+def _map_arrays(result: dict, mask: np.ndarray, fit_delay: bool) -> dict[str, np.ndarray]:
+    arrays = {}
+    for i, p in enumerate(kk.PARAM_NAMES):
+        arrays[p] = result["params"][..., i]
+        arrays[f"{p}_stderr"] = result["stderr"][..., i]
+    if fit_delay:
+        arrays["delay"], arrays["delay_stderr"] = result["delay"], result["delay_stderr"]
+    arrays["Ki"], arrays["Ki_stderr"] = result["ki"], result["ki_stderr"]
+    arrays["wrss"] = result["wrss"]
+    arrays["converged"] = result["converged"].astype(np.float32)
+    arrays["mask"] = mask.astype(np.float32)
+    return arrays
+
+
+def _describe(key: str) -> tuple[str, str]:
+    """(description, units) of one output map."""
+    base = key.removesuffix("_stderr")
+    units = {"Ki": "mL/min/mL", "delay": "min", **UNITS}.get(base, "")
+    if key.endswith("_stderr"):
+        return f"Standard error of the fitted {base} (inf: not identifiable)", units
+    if key == "wrss":
+        return "Weighted residual sum of squares of the fit", "SUV^2"
+    if key == "converged":
+        return "1 where the least-squares solver converged", "1"
+    if key == "mask":
+        return "Body mask: the fitted voxels (1 inside)", "1"
+    if key == "Ki":
+        return "Net influx rate Ki = K1*k3/(k2+k3) of the fitted 2TCM", units
+    if key == "delay":
+        return "Fitted input delay (Cp(t - delay))", units
+    return f"Fitted 2TCM parameter {key}", units
+
+
+def _warnings(result: dict, mask: np.ndarray, model: str, fit_delay: bool, ki_name: str):
+    """Findings on the fit: parameters at a bound, poor convergence, Ki outside FDG ranges."""
+    found = list(bids.ki_problems(result["ki"], mask, ki_name))
+    inside = mask.astype(bool)
+    n = int(inside.sum())
+    if not n:
+        return found
+    conv = float(result["converged"][inside].mean())
+    if conv < CONVERGED_WARNING:
+        found.append(f"only {100 * conv:.0f} % of the voxels converged (max_steps may be low).")
+    lower, upper = kk.DEFAULT_BOUNDS.lower, kk.DEFAULT_BOUNDS.upper
+    free = kk.PARAM_NAMES if model == "2tcm" else kk.PARAM_NAMES[:4]
+    for i, p in enumerate(free):
+        v = result["params"][..., i][inside]
+        at = float(np.mean(v >= upper[i] - 1e-4 * (upper[i] - lower[i])))
+        if at > AT_BOUND_WARNING:
+            found.append(
+                f"{p} sits at its upper bound ({upper[i]:g}) in {100 * at:.0f} % of the voxels: "
+                "the data do not determine it there."
+            )
+    return found
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kinetix")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def fit_study(
+    pet,
+    out,
+    *,
+    blood=None,
+    window: Sequence[float] | str | None = None,
+    model: str = "2tcm",
+    fit_delay: bool = False,
+    weights: str = maps.DEFAULT_WEIGHTS,
+    overwrite: bool = False,
+    chunk_voxels: int = maps.DEFAULT_FIT_CHUNK,
+    mask_rule: str = DEFAULT_MASK_RULE,
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    n_starts: int = 2,
+    max_steps: int = 100,
+    progress: bool = False,
+    check_plausibility: bool = True,
+) -> dict[str, pathlib.Path]:
+    """Reads a BIDS-PET scan, fits the 2TCM to every body voxel and writes the maps.
+
+    Args:
+      pet: `*_pet.nii.gz` (its `.json` sidecar is read automatically).
+      out: output directory (checked writable before anything is read).
+      blood: blood TSV; default the `*_recording-*_blood.tsv` next to the image.
+      window, model, fit_delay, weights, n_starts, max_steps, mask_rule, mask_threshold,
+        chunk_voxels, progress: as in `fit_maps`.
+      overwrite: replace existing outputs; otherwise an existing one raises FileExistsError
+        before anything is read.
+      check_plausibility: refuse implausible image and blood values (`bids.read_subject`).
+
+    Returns:
+      `output_paths(pet, out, fit_delay)` (each map's sidecar beside it).
+
+    Raises:
+      ValueError, OSError: bad arguments, unreadable or implausible inputs, an existing output
+        or an output directory that is not writable; all before anything is computed.
+    """
+    if model not in kk.FIT_MODELS:
+        raise ValueError(f"--model must be one of {kk.FIT_MODELS}, got {model!r}.")
+    if mask_rule not in maps.MASK_RULES:
+        raise ValueError(f"--mask_rule must be one of {maps.MASK_RULES}, got {mask_rule!r}.")
+    window = parse_window(window)
+    paths = output_paths(pet, out, fit_delay)
+    if not overwrite:
+        for path in [
+            *paths.values(),
+            *(sidecar_path(p) for p in paths.values() if p.suffix == ".gz"),
+        ]:
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    bids.check_writable_dir(out, "output directory (--out)")
+    t0 = time.perf_counter()
+    study = bids.read_subject(pet, blood, check_plausibility=check_plausibility)
+    result, mask, fit = fit_maps(
+        study,
+        window=window,
+        model=model,
+        fit_delay=fit_delay,
+        weights=weights,
+        mask_rule=mask_rule,
+        mask_threshold=mask_threshold,
+        n_starts=n_starts,
+        max_steps=max_steps,
+        chunk_voxels=chunk_voxels,
+        progress=progress,
+    )
+    t1 = time.perf_counter()
+    sources = [str(study.pet_path), str(study.blood_path)]
+    for key, data in _map_arrays(result, mask, fit_delay).items():
+        description, units = _describe(key)
+        bids.write_map(
+            paths[key],
+            data,
+            study,
+            description=description[:79],
+            intent_name=key[:15],
+            overwrite=overwrite,
+        )
+        meta = {"Description": description, "Units": units, "Sources": sources}
+        sidecar_path(paths[key]).write_text(json.dumps(meta, indent=2) + "\n")
+    warnings = list(study.warnings) + _warnings(result, mask, model, fit_delay, paths["Ki"].name)
+    for w in warnings[len(study.warnings) :]:
+        logging.warning("%s: %s", _PROG, w)
+    inside = mask.astype(bool)
+    summary = {
+        "Description": "Voxelwise 2TCM fit (kinetix.fit): bounded weighted least squares.",
+        "Sources": sources,
+        "Model": model,
+        "FitDelay": bool(fit_delay),
+        "Window": None if window is None else list(window),
+        "TimeUnits": "min",
+        "FramesUsed": [int(i) for i in fit],
+        "Weights": weights,
+        "Bounds": kk.DEFAULT_BOUNDS._asdict(),
+        "Starts": int(n_starts),
+        "MaxSteps": int(max_steps),
+        "Voxels": int(inside.sum()),
+        "ConvergedFraction": float(result["converged"][inside].mean()) if inside.any() else None,
+        "Mask": {"RuleName": mask_rule, "MaskThreshold": float(mask_threshold)},
+        "Conventions": "docs/conventions.md, 'Voxelwise 2TCM fitting'",
+        "Warnings": warnings,
+        "SoftwareName": "kinetix",
+        "SoftwareVersion": _version(),
+    }
+    paths["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    logging.info(
+        "%s: %d voxels fitted in %.1f s (%.0f %% converged) -> %s",
+        _PROG,
+        summary["Voxels"],
+        t1 - t0,
+        100 * (summary["ConvergedFraction"] or 0),
+        out,
+    )
+    return paths
