@@ -151,4 +151,13 @@ def get_config() -> ml_collections.ConfigDict:
     e.fit_starts = 2  # Patlak-seeded starts per voxel (kk.fit_starts)
     e.fit_max_steps = 100  # solver iterations per start
     e.fit_chunk_voxels = 4096  # voxels per jitted fit call
+    # A 35-min protocol has no blood after 35 min: how the evaluation obtains Cp(t) for 35-65
+    # min (docs/input.md): 'measured' (the blood as given), 'fit' (a Feng model fitted to the
+    # blood of 0-35 min, extrapolated) or 'population' (the training subjects' median shape,
+    # population_input.json, scaled to the subject's 0-35 min). The network, its Patlak term
+    # and every Ki route but the full-hour references use the completed curve.
+    e.late_input = "measured"
+    # With 'fit' or 'population': > 0 adds one late plasma sample at this time (min), read off
+    # the measured curve (a venous sample); 0: none.
+    e.late_sample_min = 0.0
     return config

@@ -25,6 +25,64 @@ FAILURES = (FloatingPointError,)
 """Exceptions that mean the computation failed (e.g. training diverged): one sentence, exit 1."""
 
 
+def define_plausibility_flag(fv: flags.FlagValues) -> None:
+    """``--[no]check_plausibility`` (default on): the flag of every command that reads a scan."""
+    flags.DEFINE_bool(
+        "check_plausibility",
+        True,
+        "Refuse image and blood values outside the plausible FDG ranges (docs/conventions.md, "
+        "'Plausibility checks'); --nocheck_plausibility proceeds and records them as warnings.",
+        flag_values=fv,
+    )
+
+
+LATE_INPUT_CHOICES = ("measured", "fit", "population")
+"""`--late_input` values (`kinetix.data.late_input.LATE_INPUTS`; the library checks them too)."""
+
+
+def define_input_flags(fv: flags.FlagValues, late: bool = True) -> None:
+    """The input-function flags of the commands that read a scan: ``--idif_mask``,
+    ``--idif_label`` and, with ``late``, ``--late_input``, ``--late_sample``, ``--population``
+    (docs/input.md)."""
+    flags.DEFINE_string(
+        "idif_mask",
+        None,
+        "Take the blood from the image: a vessel mask or label image (BIDS dseg) on the PET's "
+        "grid; no blood file is read (excludes --blood).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "idif_label",
+        None,
+        "The label of --idif_mask to use, a number or a name of its dseg.tsv (e.g. aorta).",
+        flag_values=fv,
+    )
+    if not late:
+        return
+    flags.DEFINE_enum(
+        "late_input",
+        "measured",
+        list(LATE_INPUT_CHOICES),
+        "Cp after 35 min: 'measured' (the blood must cover the scan), 'fit' (a Feng model fitted "
+        "to 0-35 min) or 'population' (the training cohort's shape scaled to 0-35 min).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "late_sample",
+        None,
+        "One late venous plasma sample for fit/population, TIME UNIT,VALUE UNIT, e.g. "
+        "60min,5.2kBq/mL.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "population",
+        None,
+        "Population input JSON for --late_input population (default: the run's "
+        "population_input.json).",
+        flag_values=fv,
+    )
+
+
 def _config_file(argv: Sequence[str]) -> str | None:
     """The value of ``--config`` in argv (``--config X`` or ``--config=X``), if any."""
     for i, arg in enumerate(argv):

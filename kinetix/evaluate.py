@@ -1,7 +1,8 @@
 """Evaluate a trained run on held-out subjects: Ki by every route, per-slice metrics, a report.
 
     python -m kinetix.evaluate --workdir W [--data BIDS] [--ablation_workdir W2] [--out DIR]
-                               [--step N] [--overwrite]
+                               [--step N] [--overwrite] [--late_input fit|population]
+                               [--late_sample_min 60]
 
 Flags, then `kinetix.evaluation.evaluate_workdir` (see there, and `kinetix.evaluation.run`, for
 what is computed). Writes `metrics.json`, `report.md`, `per_slice.csv` and `figures/*.png` under
@@ -49,6 +50,21 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
         "Replace an existing evaluation in the output directory.",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "late_input",
+        None,
+        list(cli_lib.LATE_INPUT_CHOICES),
+        "Evaluate a 35-min protocol: Cp after 35 min by 'fit' or 'population' (default: the "
+        "run's config.eval.late_input, 'measured').",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "late_sample_min",
+        None,
+        "With --late_input fit/population: one late plasma sample at this time (min), read off "
+        "the measured curve (0: none).",
+        flag_values=fv,
+    )
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -60,6 +76,8 @@ def main(fv: flags.FlagValues) -> None:
         out=fv.out,
         overwrite=fv.overwrite,
         step=fv.step,
+        late_input=fv.late_input,
+        late_sample_min=fv.late_sample_min,
     )
     print(result["table"])
     print(f"\nReport: {pathlib.Path(result['out_dir']) / 'report.md'}")

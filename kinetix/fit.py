@@ -2,7 +2,8 @@
 
     python -m kinetix.fit --pet sub-01_pet.nii.gz [--blood sub-01_..._blood.tsv] --out DIR \\
         [--window START,END] [--model 2tcm|2tcm_irreversible] [--fit_delay] \\
-        [--weights duration|duration_decay|none] [--overwrite] [--nocheck_plausibility]
+        [--weights duration|duration_decay|none] [--idif_mask M [--idif_label N]] \\
+        [--overwrite] [--nocheck_plausibility]
 
 Flags, then `kinetix.inference.fit_study` (see there for what is written).
 """
@@ -52,13 +53,8 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
     flags.DEFINE_float(
         "mask_threshold", fit.DEFAULT_MASK_THRESHOLD, "Body-mask threshold.", flag_values=fv
     )
-    flags.DEFINE_bool(
-        "check_plausibility",
-        True,
-        "Refuse implausible image and blood values (docs/conventions.md); "
-        "--nocheck_plausibility proceeds and records them as warnings.",
-        flag_values=fv,
-    )
+    cli_lib.define_plausibility_flag(fv)
+    cli_lib.define_input_flags(fv, late=False)
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -76,6 +72,8 @@ def main(fv: flags.FlagValues) -> None:
         mask_threshold=fv.mask_threshold,
         progress=True,
         check_plausibility=fv.check_plausibility,
+        idif_mask=fv.idif_mask,
+        idif_label=fv.idif_label,
     )
     print(f"Wrote {len(paths) - 1} maps (each with a JSON sidecar) and {paths['summary'].name}")
 

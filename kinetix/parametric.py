@@ -3,7 +3,8 @@
     python -m kinetix.parametric --pet sub-01_pet.nii.gz [--blood sub-01_..._blood.tsv] \\
         --tstar 9 [--tend 35] [--method ols|perpendicular] --out DIR [--overwrite] \\
         [--chunk_voxels 65536] [--mask_rule filled|threshold] [--mask_threshold 0.02] \\
-        [--nocheck_plausibility]
+        [--idif_mask M [--idif_label N]] [--late_input measured|fit|population] \\
+        [--late_sample 60min,5.2kBq/mL] [--population FILE] [--nocheck_plausibility]
 
 Flags, then `kinetix.inference.patlak_study` (see there for what is written).
 """
@@ -56,13 +57,8 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
         "Body mask: fraction of the rule's reference level (0: all voxels).",
         flag_values=fv,
     )
-    flags.DEFINE_bool(
-        "check_plausibility",
-        True,
-        "Refuse image and blood values outside the plausible FDG ranges (docs/conventions.md, "
-        "'Plausibility checks'); --nocheck_plausibility proceeds and records them as warnings.",
-        flag_values=fv,
-    )
+    cli_lib.define_plausibility_flag(fv)
+    cli_lib.define_input_flags(fv)
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -79,6 +75,11 @@ def main(fv: flags.FlagValues) -> None:
         mask_rule=fv.mask_rule,
         progress=True,
         check_plausibility=fv.check_plausibility,
+        idif_mask=fv.idif_mask,
+        idif_label=fv.idif_label,
+        late_input=fv.late_input,
+        late_sample=fv.late_sample,
+        population=fv.population,
     )
 
 

@@ -1,7 +1,8 @@
 """Predict the late frames, Ki and 2TCM parameter maps of one subject from its first 35 minutes.
 
     python -m kinetix.predict --workdir W --pet sub-01_pet.nii.gz [--blood B] --out DIR \\
-        [--nocheck_plausibility]
+        [--idif_mask M [--idif_label N]] [--late_input measured|fit|population] \\
+        [--late_sample 60min,5.2kBq/mL] [--nocheck_plausibility]
 
 Flags, then `kinetix.inference.predict_to_dir` (see there for what is written). A 22-frame file
 is enough; of a 28-frame file only the first 22 frames are used.
@@ -33,13 +34,8 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
     flags.DEFINE_integer(
         "step", None, "Use the checkpoint of this training step (default: latest).", flag_values=fv
     )
-    flags.DEFINE_bool(
-        "check_plausibility",
-        True,
-        "Refuse image and blood values outside the plausible FDG ranges (docs/conventions.md, "
-        "'Plausibility checks'); --nocheck_plausibility proceeds and records them as warnings.",
-        flag_values=fv,
-    )
+    cli_lib.define_plausibility_flag(fv)
+    cli_lib.define_input_flags(fv)
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -52,6 +48,11 @@ def main(fv: flags.FlagValues) -> None:
         batch_slices=fv.batch_slices,
         overwrite=fv.overwrite,
         check_plausibility=fv.check_plausibility,
+        idif_mask=fv.idif_mask,
+        idif_label=fv.idif_label,
+        late_input=fv.late_input,
+        late_sample=fv.late_sample,
+        population=fv.population,
     )
     print(f"Wrote {len(paths)} files (maps and the Ki sidecar) to {fv.out}")
 

@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from kinetix import cli as cli_lib
-from kinetix.data.bids import check_writable_dir
+from kinetix.data.bids import check_writable_dir, cut_scan
 from kinetix.data.phantom.cohort import simulate_cohort, simulation_config, simulation_settings
 
 PROG = "kinetix.simulate"
@@ -46,6 +46,13 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
     flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --out.", **define)
     flags.DEFINE_bool("progress", True, "Show a progress bar.", **define)
     flags.DEFINE_bool("preview", True, "Write a preview PNG per subject.", **define)
+    flags.DEFINE_integer(
+        "protocol_frames",
+        None,
+        "Keep only each scan's first N frames and no blood file: a short protocol as a clinic "
+        "without arterial sampling has it (22: 0-35 min; the truth and its label map stay).",
+        **define,
+    )
 
 
 def cohort_from_flags(f: flags.FlagValues):
@@ -78,7 +85,14 @@ def main(f: flags.FlagValues) -> None:
     t0 = time.perf_counter()
     cfg, n_subjects, seed = cohort_from_flags(f)
     check_writable_dir(f.out, "--out directory")  # before any simulation
+    if f.protocol_frames is not None and not 1 <= f.protocol_frames <= cfg.schedule.n_frames:
+        raise ValueError(
+            f"--protocol_frames must lie in [1, {cfg.schedule.n_frames}], got {f.protocol_frames}."
+        )
     ids = simulate_cohort(f.out, n_subjects, seed, cfg, f.overwrite, f.progress, f.preview)
+    if f.protocol_frames is not None:
+        for sid in ids:
+            cut_scan(pathlib.Path(f.out) / sid / "pet" / f"{sid}_pet.nii.gz", f.protocol_frames)
     print(
         f"{PROG}: wrote {len(ids)} subjects × {cfg.slices} slices of {cfg.size}×{cfg.size} "
         f"({cfg.noise} noise, seed {seed}) to {pathlib.Path(f.out).resolve()} in "

@@ -37,6 +37,19 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(k, v)
 
 
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """A simulated BIDS-PET cohort shared by the training tests (read it, never write into it):
+    4 subjects × 2 slices of 16×16, image-domain noise, seed 0."""
+    from kinetix.data.phantom import SimulationConfig
+    from kinetix.data.phantom.cohort import simulate_cohort
+
+    root = tmp_path_factory.mktemp("tiny_cohort")
+    config = SimulationConfig(size=16, slices=2, noise="image")
+    simulate_cohort(root, 4, 0, config, overwrite=True, progress=False)
+    return root
+
+
 @pytest.fixture
 def unwritable_dir(tmp_path):
     """An empty directory in which this process cannot create anything.

@@ -114,9 +114,12 @@ def test_fit_command_writes_every_map_with_a_sidecar_and_recovers_ki(subject, tm
         (["--window", "a,b"], "--window must be START,END in minutes"),
         (["--window", "0.1,0.15"], "holds no whole frame"),
         (["--model", "3tcm"], "--model"),
+        (["--idif_label", "aorta"], "--idif_label needs --idif_mask"),
+        (["--idif_mask", "{subject}"], "is 4-D"),
     ],
 )
 def test_fit_command_bad_flags_are_one_sentence(subject, tmp_path, capsys, args, message):
+    args = [a.format(subject=subject) for a in args]
     status = fit_cmd.cli(["fit", "--pet", str(subject), "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err.strip()
     assert status == 2 and message in err and len(err.splitlines()) == 1

@@ -743,3 +743,24 @@ def test_schedule_is_static_and_hashable():
     np.testing.assert_allclose(again.end, sched.end, rtol=1e-14)
     np.testing.assert_array_equal(sched.select(9.0), np.arange(15, 28))
     np.testing.assert_array_equal(sched.select(9.0, 35.0), np.arange(15, 22))
+
+
+def test_sampled_conv_delay_derivative_where_a_query_time_meets_a_sample(x64):
+    """d/d(delay) of `SampledInput.shift(delay).conv` at query times equal to shifted samples
+    (and between them) matches central finite differences: the convolution is smooth in the
+    delay there, so no one-sided value or half of one is acceptable."""
+    times = np.array([0.0, 0.5, 1.0, 2.0, 10.0, 60.0])
+    values = np.array([0.0, 40.0, 25.0, 12.0, 6.0, 3.0])
+    delay = 0.25
+    query = np.concatenate([times + delay, [0.6, 3.3, 70.0]])  # ties first, then between
+
+    def conv(d):
+        y, i = kk.SampledInput(times, values).shift(d).conv(0.3, query, LAM)
+        return jnp.stack([y, i])
+
+    got = jax.jacfwd(conv)(delay)
+    eps = 1e-6
+    ref = (conv(delay + eps) - conv(delay - eps)) / (2 * eps)
+    # Finite-difference error: O(eps) at the first sample (the input's kink from 0), 1e-6
+    # relative elsewhere; a derivative halved at a tie is off by O(10).
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)

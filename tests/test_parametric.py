@@ -225,3 +225,43 @@ def test_library_validates_arguments(subject):
         patlak_study.patlak_maps(subject.study, float("nan"))
     with pytest.raises(ValueError, match="NIfTI"):
         patlak_study.output_paths(pathlib.Path("x_pet.img"), "out")
+
+
+def test_blood_ending_at_35_min_with_the_late_input_fit(subject, tmp_path):
+    """Blood to 35 min of a 65-min scan: refused as it is, and with --late_input fit the Feng
+    fit of the noise-free Feng samples gives the Ki of the full blood (to 1e-4 relative)."""
+    blood = next(subject.pet.parent.glob("*_blood.tsv"))
+    lines = blood.read_text().splitlines()
+    # The samples are 2 min apart there: up to 36 min covers 35 min; the late input uses <= 35.
+    keep = [lines[0]] + [ln for ln in lines[1:] if float(ln.split("\t")[0]) <= 36 * 60]
+    cut = tmp_path / "sub-01_recording-cut_blood.tsv"
+    cut.write_text("\n".join(keep) + "\n")
+    base = ("--pet", subject.pet, "--tstar", 9, "--blood", cut)
+    assert parametric.cli(_cli(*base, "--out", tmp_path / "m")) == 2
+    assert parametric.cli(_cli(*base, "--out", tmp_path / "f", "--late_input", "fit")) == 0
+    ki = np.asarray(nib.load(tmp_path / "f" / "sub-01_Ki.nii.gz").dataobj)
+    full, _, mask = patlak_study.patlak_maps(subject.study, 9.0)
+    np.testing.assert_allclose(ki[mask], full[mask], rtol=1e-4)
+    meta = json.loads((tmp_path / "f" / "sub-01_Ki.json").read_text())
+    assert meta["InputFunction"]["LateInput"]["method"] == "fit"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--late_input", "fit", "--late_sample", "60,2"), "--late_sample '60,2' must read"),
+        (("--late_input", "fit", "--late_sample", "20min,5kBq/mL"), "late sample"),
+        (("--late_input", "population"), "--population FILE"),
+        (("--idif_label", "aorta"), "--idif_label needs --idif_mask"),
+        (("--blood", "{pet}", "--idif_mask", "{pet}"), "exclude each other"),
+        (("--late_sample", "60min,5kBq/mL"), "--late_sample needs --late_input"),
+    ],
+)
+def test_input_function_flag_errors_are_one_sentence(subject, tmp_path, capsys, extra, message):
+    args = [str(a).format(pet=subject.pet) for a in extra]
+    argv = _cli("--pet", subject.pet, "--tstar", 9, "--out", tmp_path / "o", *args)
+    assert parametric.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kinetix.parametric: error:") and message in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

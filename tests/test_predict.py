@@ -1,6 +1,7 @@
 """kinetix.predict on odd matrix sizes, multi-slice volumes, 22- and 28-frame inputs, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -232,3 +233,106 @@ def test_predict_refuses_implausible_damaged_or_taken_outputs_before_writing(
     pet.write_bytes(data[: len(data) // 2])
     fails(tmp_path / "o3", f"The PET image {pet} is truncated or corrupt")
     assert not (tmp_path / "o3").exists()
+
+
+def first_frames(pet_path, out_root, n_frames=22):
+    """A copy of a simulated subject's scan cut to its first `n_frames` (no blood file)."""
+    out = out_root / "sub-01" / "pet"
+    out.mkdir(parents=True)
+    json_path = pet_path.with_name(pet_path.name.replace(".nii.gz", ".json"))
+    for path in (pet_path, json_path, *pet_path.parent.glob("*_blood.*")):
+        shutil.copy(path, out / path.name)
+    cut = bids.cut_scan(out / pet_path.name, n_frames)
+    assert not list(out.glob("*_blood.*")) and nib.load(cut).shape[3] == n_frames
+    return cut
+
+
+def test_a_35_minute_scan_with_an_image_derived_input_and_no_blood_file(trained, tmp_path):
+    """The clinic's case: 22 frames, a vessel mask, no blood: an image-derived input, Cp after
+    35 min from the run's population input (or a Feng fit); the measured
+    route says what is missing; the population input is stored by training."""
+    run = trained / "run"
+    assert (run / training.population.POPULATION_FILE).is_file()
+    source = trained / "cohort" / "sub-01" / "pet" / "sub-01_pet.nii.gz"
+    pet = first_frames(source, tmp_path / "clinic")
+    # At 16 x 16 voxels the simulator's vessels are under a voxel (tests/test_idif.py tests the
+    # IDIF on vessels it resolves); here the mask is the 8 hottest voxels of the first 2 min.
+    img = nib.load(pet)
+    early = np.asarray(img.dataobj)[..., :8].mean(axis=-1)
+    hot = early >= np.sort(early, axis=None)[-8]
+    dseg = tmp_path / "sub-01_desc-vessel_mask.nii.gz"
+    nib.save(nib.Nifti1Image(hot.astype(np.uint8), img.affine), dseg)
+    kw = dict(idif_mask=dseg, progress=False, check_plausibility=False)
+    blood = next(source.parent.glob("*_blood.tsv"))  # 0-65 min; "fit" uses 0-35 min only
+    cases = {"population": kw, "fit": dict(blood=blood, progress=False)}
+    for late, args in cases.items():
+        out = tmp_path / late
+        paths = inference.predict_to_dir(run, pet, out, late_input=late, **args)
+        ki = np.asarray(nib.load(out / "sub-01_Ki.nii.gz").dataobj)
+        assert np.all(np.isfinite(ki)) and np.any(ki != 0)
+        meta = json.loads((out / "sub-01_Ki.json").read_text())
+        assert meta["InputFunction"]["LateInput"]["method"] == late
+        assert late == "fit" or meta["InputFunction"]["InputFunction"] == "image-derived"
+    # The IDIF written beside the maps reads back as the scan's blood (to 35 min).
+    assert "sub-01_recording-IDIF_blood.tsv" in {p.name for p in paths} or late == "fit"
+    written = tmp_path / "population" / "sub-01_recording-IDIF_blood.tsv"
+    study = bids.read_subject(pet, written, check_plausibility=False)
+    assert study.plasma_times[-1] == pytest.approx(35.0, abs=1e-3)
+    # Eight hot voxels of a 16 x 16 phantom are no vessel: the Feng fit says so.
+    with pytest.raises(ValueError, match="did not converge"):
+        inference.predict_to_dir(run, pet, tmp_path / "f", late_input="fit", **kw)
+    with pytest.raises(ValueError, match=r"before .*65 min"):
+        inference.predict_to_dir(run, pet, tmp_path / "m", late_input="measured", **kw)
+    with pytest.raises(ValueError, match="--blood and --idif_mask exclude each other"):
+        inference.predict_to_dir(
+            run, pet, tmp_path / "b", blood=pet, late_input="fit", idif_mask=dseg
+        )
+    with pytest.raises(ValueError, match="late_sample"):
+        inference.predict_to_dir(
+            run, pet, tmp_path / "s", late_input="fit", late_sample="60 parsecs,3", **kw
+        )
+
+
+def test_evaluation_of_a_35_minute_protocol_keeps_the_reference_on_the_measured_input(trained):
+    """eval.late_input = fit: the AUC error of Cp over 35-65 min is recorded per subject and
+    the 65-min reference (full_input) is the same Ki as with the measured input."""
+    run = trained / "run"
+    measured = evaluation.evaluate_workdir(run, out=trained / "eval-m", overwrite=True)
+    fitted = evaluation.evaluate_workdir(
+        run, out=trained / "eval-fit", overwrite=True, late_input="fit"
+    )
+    record = fitted["metrics"]["late_input"]
+    assert record["method"] == "fit"
+    errors = record["auc_error"]["per_subject"]
+    assert set(errors) == set(measured["metrics"]["run"]["subjects"])
+    assert all(np.isfinite(v) and abs(v) < 0.5 for v in errors.values())
+    assert "late_input" not in measured["metrics"]
+    report = (trained / "eval-fit" / "report.md").read_text()
+    assert "## Late input (a 35-minute protocol)" in report and "AUC error of Cp" in report
+    ref_m, ref_f = (
+        {
+            k: v
+            for k, v in run["metrics"]["tables"]["ki_vs_truth"]["methods"]["reference"].items()
+            if k != "relative_change_pct"
+        }  # relative to the baseline, whose input changed
+        for run in (measured, fitted)
+    )
+    assert ref_m == ref_f
+
+
+def test_a_run_without_a_stored_population_input_learns_it_from_its_training_subjects(trained):
+    """Runs trained before population_input.json existed: learnt again from splits.json's
+    training subjects, the same shape as the stored one; without the data, None."""
+    run = trained / "run"
+    stored = training.population.read_population(run)
+    old = trained / "old-run"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns(training.population.POPULATION_FILE))
+    again = training.population.run_population(old)
+    np.testing.assert_allclose(again.plasma, stored.plasma, rtol=1e-6)
+    np.testing.assert_allclose(again.times, stored.times)
+    config = json.loads((old / "config.json").read_text())
+    config["data"]["root"] = str(trained / "nowhere")
+    (old / "config.json").write_text(json.dumps(config))
+    assert training.population.run_population(old) is None
+    with pytest.raises(ValueError, match="--population FILE"):
+        inference.late.load_population("population", None, old)

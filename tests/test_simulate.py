@@ -350,3 +350,25 @@ def test_cli_refuses_a_non_empty_out_dir(cli_run):
         "(--overwrite) to replace it."
     )
     assert (root / "sub-01" / "pet" / "sub-01_pet.nii.gz").read_bytes() == before
+
+
+def test_protocol_frames_writes_a_35_minute_scan_without_blood(tmp_path):
+    """--protocol_frames 22: each scan cut to 0-35 min, no blood file, the label map kept; it
+    reads with an image-derived input and no blood (a clinic's data)."""
+    import jax
+
+    result = _cli(
+        "--out", tmp_path, "--subjects", "1", "--size", "16", "--slices", "1",
+        "--protocol_frames", "22", "--noprogress", "--nopreview",
+        cache_dir=jax.config.jax_compilation_cache_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pet = tmp_path / "sub-01" / "pet" / "sub-01_pet.nii.gz"
+    assert nib.load(pet).shape[3] == 22 and not list(pet.parent.glob("*_blood.*"))
+    side = json.loads(pet.with_name("sub-01_pet.json").read_text())
+    assert len(side["FrameTimesStart"]) == len(side["FrameDuration"]) == 22
+    assert (tmp_path / "derivatives" / "truth" / "sub-01" / "sub-01_dseg.nii.gz").is_file()
+    with pytest.raises(bids.BidsError, match="No blood file"):
+        bids.read_subject(pet)
+    bad = _cli("--out", tmp_path / "x", "--subjects", "1", "--protocol_frames", "40")
+    assert bad.returncode == 2 and "--protocol_frames must lie in [1, 28]" in bad.stderr

@@ -16,20 +16,8 @@ from kinetix.data import pipeline
 
 
 @pytest.fixture(scope="module")
-def cohort_root(tmp_path_factory):
-    from kinetix.data.phantom import SimulationConfig
-    from kinetix.data.phantom.cohort import simulate_cohort
-
-    root = tmp_path_factory.mktemp("cohort")
-    simulate_cohort(
-        root,
-        4,
-        0,
-        SimulationConfig(size=16, slices=2, noise="image"),
-        overwrite=True,
-        progress=False,
-    )
-    return root
+def cohort_root(tiny_cohort):
+    return tiny_cohort
 
 
 def smoke_config(root, **train):

@@ -130,11 +130,18 @@ def batch_maps(batch, cohort, predictors: dict, routes, windows, truth_cache) ->
     mask = np.asarray(batch["mask"], np.float32)
     predictions, params = _predict(batch, predictors, measured.shape)
     x, cp = kr.patlak_coordinates(batch["plasma_times"], batch["plasma"], schedule=windows.schedule)
+    reference_xcp = None
+    if "reference_plasma" in batch:  # the input was completed past the early frames
+        reference_xcp = kr.patlak_coordinates(
+            batch["reference_plasma_times"], batch["reference_plasma"], schedule=windows.schedule
+        )
     names = [cohort.subjects[int(i)] for i in batch["subject"]]
     zs = [int(z) for z in batch["slice"]]
     truth = None if truth_cache is None else truth_cache.batch(names)
     truth_ki = _truth_slices(truth, zs, "ki")
-    ki = kr.batch_ki(routes, windows, measured, predictions, x, cp, mask, truth_ki, params)
+    ki = kr.batch_ki(
+        routes, windows, measured, predictions, x, cp, mask, truth_ki, params, reference_xcp
+    )
     suv = {"measured": measured[..., -1] * mask}
     suv.update({name: p[..., -1] * mask for name, p in predictions.items()})
     if truth is not None:

@@ -13,6 +13,8 @@ import numpy as np
 import kinetix.kinetics as kk
 from kinetix import maps
 
+CURVE_KEYS = ("plasma_times", "plasma", "whole_blood")
+
 FIT_PREDICTIONS = {"fit35": "early", "fit65": "full"}
 """The fit predictions and their windows: "early" = the network's input frames (0–35 min),
 "full" = the whole scan (0–65 min)."""
@@ -45,6 +47,9 @@ def make_fit_predictor(config, schedule: kk.FrameSchedule, kind: str):
     )
 
     def predict(batch):
+        # The full-scan fit stands for the full hour: the measured input, also when the
+        # protocol's input was completed past the early frames (`Cohort.with_input`).
+        prefix = "reference_" if kind == "full" and "reference_plasma" in batch else ""
         frames = np.asarray(batch["frames"], np.float32)
         body = (np.asarray(batch["mask"]) > 0) & (np.asarray(batch["valid"]) > 0)[:, None, None]
         out_frames = np.zeros_like(frames)
@@ -53,8 +58,9 @@ def make_fit_predictor(config, schedule: kk.FrameSchedule, kind: str):
         for s in np.unique(subjects[body.any(axis=(1, 2))]):  # one fit call per input curve
             b = int(np.flatnonzero(subjects == s)[0])
             rows = body & (subjects == s)[:, None, None]
-            inp = kk.SampledInput(batch["plasma_times"][b], batch["plasma"][b])
-            blood = kk.SampledInput(batch["plasma_times"][b], batch["whole_blood"][b])
+            times, plasma, whole_blood = (batch[prefix + k][b] for k in CURVE_KEYS)
+            inp = kk.SampledInput(times, plasma)
+            blood = kk.SampledInput(times, whole_blood)
             blood = blood if use_wb else None
             res = maps.volume_fit(
                 frames[rows], inp, schedule, np.ones(rows.sum(), bool), blood=blood, **options

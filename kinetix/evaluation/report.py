@@ -249,6 +249,24 @@ def _checkpoint_line(run: dict) -> str:
     return text if ablation is None else f"{text} (direct ablation: step {ablation})"
 
 
+def _md_late_input(metrics: dict) -> str:
+    """The late-input section: what was done and each subject's error of ∫Cp after t_cut."""
+    late = metrics["late_input"]
+    errors = late["auc_error"]
+    rows = [[s, f"{100 * e:+.2f}"] for s, e in errors["per_subject"].items()]
+    span = f"{late['t_cut_min']:g}-{late['t_end_min']:g} min"
+    return "\n".join(
+        [
+            late["note"],
+            "",
+            f"Median |AUC error| {100 * errors['median_abs']:.2f} %, largest "
+            f"{100 * errors['max_abs']:.2f} %.",
+            "",
+            _md_table(["subject", f"AUC error of Cp over {span} (%)"], rows),
+        ]
+    )
+
+
 def markdown_report(metrics: dict) -> str:
     """`report.md`: run summary, comparison tables, per-subject table, Bland–Altman, figures,
     conventions."""
@@ -271,6 +289,8 @@ def markdown_report(metrics: dict) -> str:
         f"- evaluation time: {run['seconds']} s",
         "",
     ]
+    if "late_input" in metrics:
+        lines += ["## Late input (a 35-minute protocol)", "", _md_late_input(metrics), ""]
     for table in metrics["tables"]:
         lines += [f"## {TABLE_TITLES.get(table, table)}", "", _md_comparison(metrics, table), ""]
     lines += [

@@ -144,6 +144,9 @@ class Route:
       prediction: the prediction it uses ("proposed" or "direct"; None for MEASURED and TRUTH).
       note: one sentence for the report's conventions, formatted with
         `KiWindows.note_fields()` (empty: a generic sentence).
+      full_input: the route stands for the full-hour scan, so it keeps the measured input up to
+        the scan end when the evaluation completes the input past the early frames
+        (``config.eval.late_input``); every other route uses the completed input.
     """
 
     name: str
@@ -152,6 +155,7 @@ class Route:
     window: str | None = None
     prediction: str | None = None
     note: str = ""
+    full_input: bool = False
 
     def __post_init__(self):
         if self.frames not in FRAME_KINDS:
@@ -220,6 +224,7 @@ for _route in (
         "reference",
         note="Reference = 65-min Patlak on the measured frames with mid-time >= {t_star:g} min "
         "({span[reference]}).",
+        full_input=True,
     ),
     Route(
         "baseline",
@@ -291,6 +296,7 @@ for _route in (
         prediction="fit65",
         note="2TCM fit 0-65 = the same fit of every measured frame: a second reference, as a "
         "kinetic modeller with the full scan would compute Ki.",
+        full_input=True,
     ),
     Route(
         "truth",
@@ -370,6 +376,7 @@ def batch_ki(
     mask,
     truth_ki=None,
     params: Mapping | None = None,
+    reference_xcp=None,
 ) -> dict[str, np.ndarray]:
     """Masked Ki maps of a batch of slices by every route.
 
@@ -382,6 +389,9 @@ def batch_ki(
       mask: [B, H, W] body mask (0 / 1).
       truth_ki: [B, H, W] true Ki, for a TRUTH route.
       params: {prediction name: [B, H, W, 5] 2TCM parameters}, for RATES routes.
+      reference_xcp: (x, cp) [B, T] of the measured full-scan input, for the `full_input`
+        routes when the protocol's input (x, cp) was completed from the early frames; None:
+        (x, cp) for every route.
 
     Returns:
       {route name: [B, H, W] Ki × mask (mL/min/mL)}, in the order of `routes`.
@@ -396,7 +406,8 @@ def batch_ki(
             continue
         frames = route_frames(route, measured, predictions, windows.n_early)
         idx = windows.indices(route.window)
-        out[route.name] = np.asarray(_patlak_ki(frames, x, cp, idx=idx, method=windows.method))
+        rx, rcp = reference_xcp if (route.full_input and reference_xcp is not None) else (x, cp)
+        out[route.name] = np.asarray(_patlak_ki(frames, rx, rcp, idx=idx, method=windows.method))
         out[route.name] = out[route.name] * mask
     return out
 

@@ -29,7 +29,7 @@ from absl import logging
 from kinetix import inference
 from kinetix.data import bids, pipeline
 from kinetix.evaluation import accumulate as acc
-from kinetix.evaluation import fits, report
+from kinetix.evaluation import fits, late, report
 from kinetix.evaluation import routes as kr
 from kinetix.evaluation import tables as kt
 from kinetix.evaluation.truth import TruthCache, find_truth_root
@@ -308,6 +308,14 @@ def evaluate_run(
     if _config_value(config, "eval.fit_2tcm", False):  # the voxelwise 2TCM fit baselines
         for name, kind in fits.FIT_PREDICTIONS.items():
             predictors[name] = (name, fits.make_fit_predictor(config, cohort.schedule, kind))
+    cohort, late_record = late.late_input_view(
+        _config_value(config, "eval.late_input", "measured"),
+        _config_value(config, "eval.late_sample_min", 0.0),
+        int(config.model.n_early),
+        workdir,
+        cohort,
+        subjects,
+    )
     setup = _setup(config, workdir, cohort, subjects, out_dir, truth_root, list(predictors))
     logging.info("Evaluating %d subjects (%s).", len(setup.subjects), setup.truth_note)
     steps = (
@@ -318,6 +326,8 @@ def evaluate_run(
     summary = _summaries(setup, sinks)
     figures = _draw(setup, sinks, summary)
     metrics = _metrics(setup, sinks, summary, figures, ablation_fn is not None, steps)
+    if late_record is not None:
+        metrics["late_input"] = late_record
     metrics["run"]["seconds"] = round(time.perf_counter() - t_start, 2)
     metrics = kt.as_json(metrics)
     table = _write(setup.out_dir, metrics, summary)
@@ -381,7 +391,14 @@ def _load_ablation(ablation_workdir, data, step):
 
 
 def evaluate_workdir(
-    workdir, data=None, ablation_workdir=None, out=None, overwrite=False, step=None
+    workdir,
+    data=None,
+    ablation_workdir=None,
+    out=None,
+    overwrite=False,
+    step=None,
+    late_input=None,
+    late_sample_min=None,
 ) -> dict:
     """What `python -m kinetix.evaluate` does, callable (raises ValueError / OSError).
 
@@ -393,6 +410,10 @@ def evaluate_workdir(
       overwrite: replace an existing metrics.json in `out`.
       step: evaluate the checkpoints of this training step (the run's and the ablation's, which
         must both be on disk: `train.keep_checkpoint_steps`); default: each run's latest.
+      late_input: overrides ``config.eval.late_input`` ("measured", "fit" or "population":
+        evaluate a 35-min protocol, `kinetix.evaluation.late`).
+      late_sample_min: overrides ``config.eval.late_sample_min`` (a late plasma sample's time;
+        0: none).
 
     Returns:
       `evaluate_run`'s result.
@@ -415,6 +436,11 @@ def evaluate_workdir(
     # The step is resolved with the loading, so the one restored is the one recorded.
     run_step, (config, predict_fn, cohort, splits) = _load_run(workdir, data, step)
     subjects = list(cohort.subjects) if data else list(splits.get("test", []))
+    with config.unlocked():
+        if late_input is not None:
+            config.eval.late_input = str(late_input)
+        if late_sample_min is not None:
+            config.eval.late_sample_min = float(late_sample_min)
     if not subjects:
         raise ValueError(f"{workdir} has no test subjects (splits.json); pass --data BIDS.")
     ablation_fn = abl_step = None

@@ -32,7 +32,9 @@ from absl import logging
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids
-from kinetix.inference.patlak import DEFAULT_MASK_RULE, DEFAULT_MASK_THRESHOLD
+from kinetix.data.bids.write import check_outputs_free
+from kinetix.inference import late
+from kinetix.inference.patlak import DEFAULT_MASK_RULE, DEFAULT_MASK_THRESHOLD, output_stem
 
 _PROG = "kinetix.fit"
 
@@ -65,14 +67,7 @@ def parse_window(window) -> tuple[float, float] | None:
 
 def output_paths(pet_path, out_dir, fit_delay: bool = False) -> dict[str, pathlib.Path]:
     """{name: path} of every map `fit_study` writes (sidecars: the same name with .json)."""
-    name = pathlib.Path(pet_path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            stem = name[: -len(ext)]
-            break
-    else:
-        raise ValueError(f"--pet {pet_path} is not a NIfTI file (expected .nii.gz or .nii).")
-    stem = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+    stem = output_stem(pet_path)
     out = pathlib.Path(out_dir)
     names = list(kk.PARAM_NAMES) + (["delay"] if fit_delay else [])
     paths = {}
@@ -231,6 +226,8 @@ def fit_study(
     max_steps: int = 100,
     progress: bool = False,
     check_plausibility: bool = True,
+    idif_mask=None,
+    idif_label=None,
 ) -> dict[str, pathlib.Path]:
     """Reads a BIDS-PET scan, fits the 2TCM to every body voxel and writes the maps.
 
@@ -243,9 +240,12 @@ def fit_study(
       overwrite: replace existing outputs; otherwise an existing one raises FileExistsError
         before anything is read.
       check_plausibility: refuse implausible image and blood values (`bids.read_subject`).
+      idif_mask, idif_label: take the blood from the image (`kinetix.data.idif`); the IDIF is
+        written beside the maps as `<sub>_recording-IDIF_blood.tsv` (+ .json).
 
     Returns:
-      `output_paths(pet, out, fit_delay)` (each map's sidecar beside it).
+      `output_paths(pet, out, fit_delay)` (each map's sidecar beside it; with `idif_mask` also
+      "idif_tsv" and "idif_json").
 
     Raises:
       ValueError, OSError: bad arguments, unreadable or implausible inputs, an existing output
@@ -257,16 +257,19 @@ def fit_study(
         raise ValueError(f"--mask_rule must be one of {maps.MASK_RULES}, got {mask_rule!r}.")
     window = parse_window(window)
     paths = output_paths(pet, out, fit_delay)
-    if not overwrite:
-        for path in [
-            *paths.values(),
-            *(sidecar_path(p) for p in paths.values() if p.suffix == ".gz"),
-        ]:
-            if path.exists():
-                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    sidecars = [sidecar_path(p) for p in paths.values() if p.suffix == ".gz"]
+    check_outputs_free([*paths.values(), *sidecars], overwrite)
     bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
-    study = bids.read_subject(pet, blood, check_plausibility=check_plausibility)
+    study, input_used, idif_result = late.read_study(
+        pet,
+        blood=blood,
+        idif_mask=idif_mask,
+        idif_label=idif_label,
+        check_plausibility=check_plausibility,
+    )
+    if idif_result is not None:
+        check_outputs_free(late.idif_paths(study, out), overwrite)
     result, mask, fit = fit_maps(
         study,
         window=window,
@@ -281,7 +284,7 @@ def fit_study(
         progress=progress,
     )
     t1 = time.perf_counter()
-    sources = [str(study.pet_path), str(study.blood_path)]
+    sources = [str(study.pet_path), str(study.blood_path or idif_mask)]
     for key, data in _map_arrays(result, mask, fit_delay).items():
         description, units = _describe(key)
         bids.write_map(
@@ -301,6 +304,7 @@ def fit_study(
     summary = {
         "Description": "Voxelwise 2TCM fit (kinetix.fit): bounded weighted least squares.",
         "Sources": sources,
+        "InputFunction": input_used,
         "Model": model,
         "FitDelay": bool(fit_delay),
         "Window": None if window is None else list(window),
@@ -327,4 +331,7 @@ def fit_study(
         100 * (summary["ConvergedFraction"] or 0),
         out,
     )
+    if idif_result is not None:
+        blood_paths = late.write_idif_blood(idif_result, study, out, overwrite)
+        paths.update(zip(("idif_tsv", "idif_json"), blood_paths, strict=True))
     return paths

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids, pipeline
+from kinetix.data.bids.write import check_outputs_free
+from kinetix.inference import late
 from kinetix.training import checkpoint, rerun
 from kinetix.training.cohort import build_cohort
 from kinetix.training.config import load_config, validate_config
@@ -229,17 +231,6 @@ def output_names(subject: str, with_params: bool = True) -> list[str]:
     return names + [f"{subject}_Ki.json"]
 
 
-def _check_outputs_free(out_dir: pathlib.Path, names, overwrite: bool) -> None:
-    """FileExistsError (naming --overwrite) if any output exists, before anything is written."""
-    if overwrite:
-        return
-    for name in names:
-        if (out_dir / name).exists():
-            raise FileExistsError(
-                f"{out_dir / name} already exists; pass --overwrite to replace it."
-            )
-
-
 def write_outputs(result, study, out_dir, overwrite=False, *, sidecar: dict | None = None):
     """NIfTI maps with the input's affine and header; returns the written paths.
 
@@ -250,7 +241,9 @@ def write_outputs(result, study, out_dir, overwrite=False, *, sidecar: dict | No
     out_dir = pathlib.Path(out_dir)
     sub = study.subject
     names = output_names(sub, result["params"] is not None)
-    _check_outputs_free(out_dir, names if sidecar is not None else names[:-1], overwrite)
+    check_outputs_free(
+        [out_dir / n for n in (names if sidecar is not None else names[:-1])], overwrite
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     items = {
         f"{sub}_desc-predicted_pet.nii.gz": (result["late"], "predicted frames 23-28 (SUV)"),
@@ -289,6 +282,11 @@ def predict_to_dir(
     overwrite=False,
     progress=True,
     check_plausibility=True,
+    idif_mask=None,
+    idif_label=None,
+    late_input="measured",
+    late_sample=None,
+    population=None,
 ) -> list[pathlib.Path]:
     """What `python -m kinetix.predict` does: restore a run, predict one study, write its maps.
 
@@ -303,10 +301,19 @@ def predict_to_dir(
       progress: show a progress bar.
       check_plausibility: refuse image and blood values outside the plausible FDG ranges
         (`bids.read_subject`); False proceeds and records them as warnings.
+      idif_mask, idif_label: take the blood from the image inside this mask / label
+        (`kinetix.data.idif`) instead of a blood file; it is written beside the maps as
+        `<sub>_recording-IDIF_blood.tsv` (+ .json).
+      late_input: how Cp after the early frames is obtained (`late.LATE_INPUTS`): "measured"
+        needs blood up to the end of the trained schedule, "fit" and "population" only up to
+        the end of the early frames (`kinetix.data.late_input`).
+      late_sample: (time [min], activity [Bq/mL]) of one late venous sample, or None.
+      population: a population JSON for "population" (default: the run's own).
 
     Returns:
-      The written paths: the maps, then `<sub>_Ki.json` (sources, Patlak settings, "Warnings":
-      implausible inputs accepted and a Ki map outside the plausible FDG ranges).
+      The written paths: the maps, then `<sub>_Ki.json` (sources, Patlak settings, the input
+      function and late input used, "Warnings": implausible inputs accepted and a Ki map outside
+      the plausible FDG ranges), then the IDIF blood files.
 
     Raises:
       ValueError, OSError: bad arguments, unreadable or implausible inputs, an output that
@@ -318,8 +325,23 @@ def predict_to_dir(
     out = bids.check_writable_dir(out, "output directory (--out)")
     config = load_config(workdir)
     trained = trained_schedule(workdir)
-    study = bids.read_subject(pet, blood, check_plausibility=check_plausibility)
-    _check_outputs_free(out, output_names(study.subject), overwrite)
+    n_early = int(config.model.n_early)
+    study, input_used, idif_result = late.read_study(
+        pet,
+        blood=blood,
+        idif_mask=idif_mask,
+        idif_label=idif_label,
+        late=late_input,
+        late_sample=late_sample,
+        population=late.load_population(late_input, population, workdir),
+        t_cut=float(trained.end[n_early - 1]),
+        t_end=float(trained.end[-1]),
+        check_plausibility=check_plausibility,
+    )
+    names = output_names(study.subject)
+    if idif_result is not None:
+        names += [p.name for p in late.idif_paths(study, out)]
+    check_outputs_free([out / n for n in names], overwrite)
     graphdef, params = restore_params(config, workdir, step)
     eval_step = make_eval_step(graphdef, config, trained)
     predict_fn = make_predict_fn(eval_step, params, NamedSharding(make_mesh(), P("data")))
@@ -327,7 +349,8 @@ def predict_to_dir(
     sidecar = {
         "Description": "Patlak Ki of kinetix.predict: measured frames from t* to the last early "
         "frame followed by the predicted late frames.",
-        "Sources": [str(study.pet_path), str(study.blood_path), str(workdir)],
+        "Sources": [str(study.pet_path), str(study.blood_path or idif_mask), str(workdir)],
+        "InputFunction": input_used,
         "CheckpointStep": "latest" if step is None else int(step),
         "Method": str(config.eval.method),
         "TStar": float(config.kinetics.t_star),
@@ -335,4 +358,7 @@ def predict_to_dir(
         "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
         "SoftwareName": "kinetix",
     }
-    return write_outputs(result, study, out, overwrite, sidecar=sidecar)
+    paths = write_outputs(result, study, out, overwrite, sidecar=sidecar)
+    if idif_result is not None:
+        paths += late.write_idif_blood(idif_result, study, out, overwrite)
+    return paths

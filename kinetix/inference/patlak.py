@@ -25,6 +25,8 @@ from absl import logging
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids
+from kinetix.data.bids.write import check_outputs_free
+from kinetix.inference import late
 
 DEFAULT_MASK_THRESHOLD = 0.02
 """Body mask (rule "filled"): fraction of the robust maximum of the mean fit-frame SUV."""
@@ -93,8 +95,12 @@ def patlak_maps(
     return ki, v0, mask
 
 
-def output_paths(pet_path, out_dir) -> dict[str, pathlib.Path]:
-    """{"ki", "v0", "mask", "json"} output paths for an image `<stem>_pet.nii[.gz]`."""
+def output_stem(pet_path) -> str:
+    """`<stem>` of an image `<stem>_pet.nii[.gz]` (or `<stem>.nii[.gz]`), e.g. `sub-01_ses-1`.
+
+    Raises:
+      ValueError: the name does not end in .nii.gz or .nii.
+    """
     pet_path = pathlib.Path(pet_path)
     name = pet_path.name
     for ext in (".nii.gz", ".nii"):
@@ -103,7 +109,12 @@ def output_paths(pet_path, out_dir) -> dict[str, pathlib.Path]:
             break
     else:
         raise ValueError(f"--pet {pet_path} is not a NIfTI file (expected .nii.gz or .nii).")
-    stem = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+    return stem[: -len("_pet")] if stem.endswith("_pet") else stem
+
+
+def output_paths(pet_path, out_dir) -> dict[str, pathlib.Path]:
+    """{"ki", "v0", "mask", "json"} output paths for an image `<stem>_pet.nii[.gz]`."""
+    stem = output_stem(pet_path)
     out = pathlib.Path(out_dir)
     return {
         "ki": out / f"{stem}_Ki.nii.gz",
@@ -154,15 +165,6 @@ def _check_study_args(method: str, mask_threshold: float) -> None:
         raise ValueError(f"method must be one of {kk.METHODS}, got {method!r}.")
     if not (0.0 <= mask_threshold < 1.0):
         raise ValueError(f"mask_threshold must lie in [0, 1), got {mask_threshold}.")
-
-
-def _check_outputs_free(paths: dict[str, pathlib.Path], overwrite: bool) -> None:
-    """Raises FileExistsError (naming the command's `--overwrite`) if an output exists."""
-    if overwrite:
-        return
-    for path in paths.values():
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
 
 
 def _submit_map_writes(pool, paths, study, ki, v0, mask, description: str, overwrite: bool):
@@ -268,6 +270,11 @@ def patlak_study(
     mask_rule: str = DEFAULT_MASK_RULE,
     progress: bool = False,
     check_plausibility: bool = True,
+    idif_mask=None,
+    idif_label=None,
+    late_input: str = "measured",
+    late_sample=None,
+    population=None,
 ) -> dict[str, pathlib.Path]:
     """Reads a BIDS-PET scan, computes `patlak_maps` and writes the maps and sidecar.
 
@@ -280,6 +287,10 @@ def patlak_study(
         before anything is read.
       check_plausibility: refuse image and blood values outside the plausible FDG ranges
         (`bids.read_subject`); False proceeds and records them in the sidecar's "Warnings".
+      idif_mask, idif_label: take the blood from the image (`kinetix.data.idif`); the IDIF is
+        written beside the maps as `<sub>_recording-IDIF_blood.tsv` (+ .json).
+      late_input, late_sample, population: how Cp after 35 min is obtained when the blood
+        ends there and the scan does not (`kinetix.inference.late.read_study`).
 
     Returns:
       `output_paths(pet, out)`; the sidecar is `patlak_sidecar`, whose "Warnings" also lists a
@@ -292,15 +303,30 @@ def patlak_study(
     """
     _check_study_args(method, mask_threshold)
     paths = output_paths(pet, out)
-    _check_outputs_free(paths, overwrite)
+    check_outputs_free(paths.values(), overwrite)
     bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
+    population = late.load_population(late_input, population)
+    plain = idif_mask is None and late_input == "measured"  # the blood file's samples as read
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        warm = pool.submit(_warm_up, pet, blood, t_star, t_end, method, chunk_voxels)
-        study = bids.read_subject(pet, blood, check_plausibility=check_plausibility)
+        if plain:
+            warm = pool.submit(_warm_up, pet, blood, t_star, t_end, method, chunk_voxels)
+        study, input_used, idif_result = late.read_study(
+            pet,
+            blood=blood,
+            idif_mask=idif_mask,
+            idif_label=idif_label,
+            late=late_input,
+            late_sample=late_sample,
+            population=population,
+            check_plausibility=check_plausibility,
+        )
+        if idif_result is not None:
+            check_outputs_free(late.idif_paths(study, out), overwrite)
         fit = maps.fit_frames(study.schedule, t_star, t_end)  # the window, before mask and fit
         t1 = time.perf_counter()
-        warm.result()
+        if plain:
+            warm.result()
         ki, v0, mask = patlak_maps(
             study,
             t_star,
@@ -319,7 +345,11 @@ def patlak_study(
     sidecar = patlak_sidecar(
         study, fit, method, t_star, t_end, mask, mask_threshold, mask_rule, warnings
     )
+    sidecar["InputFunction"] = input_used
     paths["json"].write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+    if idif_result is not None:
+        blood_paths = late.write_idif_blood(idif_result, study, out, overwrite)
+        paths.update(zip(("idif_tsv", "idif_json"), blood_paths, strict=True))
     logging.info(
         "%s: read %.2f s, fit %.2f s (%d mask voxels), write %.2f s -> %s",
         _PROG,

@@ -31,8 +31,8 @@ from kinetix.kinetics.fit import (
     fit_2tcm,
     fit_starts,
     frame_weights,
-    frames_and_jacobian,
 )
+from kinetix.kinetics.fit_jacobian import frames_and_jacobian
 from kinetix.kinetics.frames import (
     F18_DECAY_CONSTANT,
     F18_HALF_LIFE_MIN,
@@ -41,6 +41,7 @@ from kinetix.kinetics.frames import (
     FrameSchedule,
     decay_correction_factors,
 )
+from kinetix.kinetics.input_fit import FengFitResult, fit_feng
 from kinetix.kinetics.input_function import FENG_FDG, FengInput, FengParams, SampledInput
 from kinetix.kinetics.patlak import METHODS, fit_line, patlak, patlak_x
 
@@ -55,6 +56,7 @@ __all__ = [
     "PAPER_SCHEDULE",
     "PARAM_NAMES",
     "WEIGHT_KINDS",
+    "FengFitResult",
     "FengInput",
     "FengParams",
     "FitBounds",
@@ -65,6 +67,7 @@ __all__ = [
     "decay_correction_factors",
     "eigen_decomposition",
     "fit_2tcm",
+    "fit_feng",
     "fit_line",
     "fit_starts",
     "frame_weights",

@@ -293,6 +293,37 @@ def least_squares(fun, p0, lo, hi, *, max_steps, ftol, xtol, gtol):
     return LMResult(p, cost, status, k - 1, r, jac)
 
 
+def best_of_starts(fun, starts, lo, hi, *, max_steps, tol):
+    """`least_squares` from several starts per problem, keeping each problem's lowest finite
+    cost.
+
+    Args:
+      fun: p [N·S, P] -> (r, J), as `least_squares` (rows ordered problem-major: the S starts
+        of problem 0 first).
+      starts: [N, S, P] starts, strictly inside the box.
+      lo, hi: [P] bounds, as `least_squares`.
+      max_steps: iteration limit per start.
+      tol: ftol = xtol = gtol.
+
+    Returns:
+      `LMResult` with leading axis N: each problem's best start's end point.
+    """
+    n, n_starts, n_params = starts.shape
+    sols = least_squares(
+        fun,
+        starts.reshape(n * n_starts, n_params),
+        lo,
+        hi,
+        max_steps=max_steps,
+        ftol=tol,
+        xtol=tol,
+        gtol=tol,
+    )
+    sols = jax.tree.map(lambda v: v.reshape((n, n_starts) + v.shape[1:]), sols)
+    best = jnp.argmin(jnp.where(jnp.isfinite(sols.cost), sols.cost, jnp.inf), axis=1)
+    return jax.tree.map(lambda v: jax.vmap(lambda a, i: a[i])(v, best), sols)
+
+
 def linear_stderr(jac_w, s2, directions, null_tol=1e-4):
     """Standard errors of linear combinations cᵀp from a weighted Jacobian (one problem).
 

@@ -256,9 +256,8 @@ class SampledInput:
         A pure time shift (the sample times move by `delay`), safe under `jit` / `vmap` (a
         traced delay is not validated). `delay` > 0 moves the curve later; shifted sample times
         may be negative (the curve then starts before time zero). Derivatives in `delay` are
-        exact through `conv_integral`; through `conv` they are halved at query times that
-        coincide with a shifted sample (`conv`'s `jnp.maximum(t − t_k, 0)` splits the tie), so
-        `kk.frames_and_jacobian` differentiates the blood term by parts instead.
+        exact through `conv` and `conv_integral`, also at query times that coincide with a
+        shifted sample.
 
         Args:
           delay: scalar shift (min), concrete or traced.
@@ -318,7 +317,10 @@ class SampledInput:
         i_knots = jnp.concatenate([zero, i_after], axis=-1)
 
         idx = jnp.clip(jnp.searchsorted(tk, tf, side="right") - 1, 0, n_k - 1)  # [N]
-        u = jnp.maximum(tf - tk[idx], 0.0)
+        # Offset into the sample's segment; not a clamp (`maximum` would split the derivative
+        # in the sample time where a query time equals it), queries before the first sample are
+        # masked below.
+        u = jnp.where(tf < tk[0], 0.0, tf - tk[idx])
         q_t = jnp.concatenate([slope, jnp.zeros((1,), slope.dtype)])[idx]  # 0 after the last
         k = kernels(-lam, beta[..., None], u, recursion=True)  # B + [N]
         nd = k["Y0"].ndim

@@ -35,7 +35,9 @@ the last async save. Async-save errors are raised by the next `save`, `wait` or 
 swallowed.
 """
 
+import gc
 import pathlib
+import sys
 import time
 
 import grain
@@ -55,6 +57,33 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
     text = str(err).strip().splitlines()
     line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _discard_abandoned_reads() -> None:
+    """Collects the shard reads Orbax leaves pending when one read of a restore fails.
+
+    Orbax reads a checkpoint's shards as concurrent coroutines; when one read fails, the others
+    are abandoned and each prints an "Exception ignored in <coroutine>" traceback whenever the
+    garbage collector reaches it, at some unrelated later moment. The failure has already been
+    reported as `DamagedCheckpoint`, so they are collected now and those reports dropped; any
+    other unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 def _abstract_leaf(x):
@@ -340,10 +369,14 @@ class Checkpointer:
                     "restore without data_iterator or start a new workdir."
                 )
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        why = None
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001 - any read failure means a damaged file
-            raise self._damaged(step, _first_line(err)) from err
+            why = _first_line(err)
+        if why is not None:  # outside the handler, so that the failed read can be collected
+            _discard_abandoned_reads()
+            raise self._damaged(step, why)
         return restored["state"]
 
     def _damaged(self, step: int, why: str) -> DamagedCheckpoint:

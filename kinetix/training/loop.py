@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from kinetix.data import pipeline
-from kinetix.training import checkpoint, provenance, rerun
+from kinetix.training import checkpoint, population, provenance, rerun
 from kinetix.training.cohort import build_cohort, split_cohort
 from kinetix.training.config import load_config, validate_config
 from kinetix.training.devices import make_mesh, shard_batch
@@ -283,6 +283,8 @@ def _train(config, workdir: pathlib.Path, num_steps: int, provenance_kw) -> Trai
                 {"start": schedule.start.tolist(), "end": schedule.end.tolist(), "units": "min"}
             )
         )
+        # The input of 35-min scans after 35 min (late input "population").
+        population.write_population(workdir, cohort, splits["train"], config.data.input_points)
 
     logging.info(
         "Subjects: %d train, %d val, %d test", *(len(splits[k]) for k in ("train", "val", "test"))

@@ -59,6 +59,7 @@ from kinetix.data.bids.study import (
 from kinetix.data.bids.truth import read_truth, truth_paths, write_truth
 from kinetix.data.bids.write import (
     check_writable_dir,
+    cut_scan,
     write_dataset_description,
     write_map,
     write_participants,
@@ -77,6 +78,7 @@ __all__ = [
     "ImplausibleError",
     "Study",
     "check_writable_dir",
+    "cut_scan",
     "find_subjects",
     "ki_problems",
     "load_nifti",

@@ -8,7 +8,7 @@
 import glob
 import math
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from absl import logging
@@ -243,8 +243,31 @@ def _blood_units(column: str, meta: Mapping, meta_path: pathlib.Path) -> float:
     return _unit(entry["Units"], IMAGE_UNITS, f"{column}.Units", meta_path)
 
 
-def _read_blood(blood_path: pathlib.Path, scan_end_s: float):
-    """(times [K] s, plasma [K] Bq/mL, whole blood [K] Bq/mL or None), validated."""
+def _check_cover(
+    last_s: float, scan_end_s: float, blood_until_s: float | None, where: str, hint: str = ""
+) -> None:
+    """Raises unless the last plasma time `last_s` (s) reaches the needed end within
+    `BLOOD_COVER_RTOL`: `blood_until_s` when given, else the scan's end `scan_end_s`; `hint`
+    ends the sentence."""
+    if blood_until_s is None:
+        if last_s < scan_end_s * (1.0 - BLOOD_COVER_RTOL):
+            raise BidsError(
+                f"{where} ends with plasma at {last_s:.6g} s, before the scan ends at "
+                f"{scan_end_s:.6g} s{hint}."
+            )
+    elif last_s < blood_until_s * (1.0 - BLOOD_COVER_RTOL):
+        raise BidsError(
+            f"{where} ends with plasma at {last_s:.6g} s, before {blood_until_s:.6g} s "
+            f"({blood_until_s / 60.0:.6g} min) that this route needs{hint}."
+        )
+
+
+def _read_blood(blood_path: pathlib.Path, scan_end_s: float, blood_until_s: float | None = None):
+    """(times [K] s, plasma [K] Bq/mL, whole blood [K] Bq/mL or None), validated.
+
+    The plasma must reach `blood_until_s` (s; default `scan_end_s`, the scan's end) within
+    `BLOOD_COVER_RTOL`.
+    """
     columns = _read_tsv(blood_path)
     for column in ("time", "plasma_radioactivity"):
         if column not in columns:
@@ -290,11 +313,13 @@ def _read_blood(blood_path: pathlib.Path, scan_end_s: float):
             f"{blood_path} column 'plasma_radioactivity' needs at least 2 finite values."
         )
     t_plasma = times[keep]
-    if t_plasma[-1] < scan_end_s * (1.0 - BLOOD_COVER_RTOL):
-        raise BidsError(
-            f"{blood_path} column 'time' ends with plasma at {t_plasma[-1]:.6g} s, before the "
-            f"scan ends at {scan_end_s:.6g} s (were blood times written in minutes?)."
-        )
+    _check_cover(
+        t_plasma[-1],
+        scan_end_s,
+        blood_until_s,
+        f"{blood_path} column 'time'",
+        " (were blood times written in minutes?)",
+    )
     whole = None
     if "whole_blood_radioactivity" in columns:
         wb = _float_column(
@@ -315,31 +340,108 @@ def _read_blood(blood_path: pathlib.Path, scan_end_s: float):
 
 
 def _blood_checks(
-    blood_path: pathlib.Path,
+    source,
     t_min: np.ndarray,
     curves_bqml: dict[str, np.ndarray | None],
     suv_factor: float,
     scan_end_min: float,
     injection_min: float,
+    units_hint: str | None = None,
 ) -> list[str]:
-    """Hard faults of the blood curves (raised here, with the file's Bq/mL values) and their
-    soft problems (returned, judged in SUV from the injection at `injection_min`)."""
-    meta_path = blood_path.with_name(blood_path.name[: -len(".tsv")] + ".json")
+    """Hard faults of the blood curves (raised here, with the Bq/mL values) and their soft
+    problems (returned, judged in SUV from the injection at `injection_min`).
+
+    Args:
+      source: the blood TSV (a path), or a label naming where the curves come from (e.g. "The
+        image-derived input of <pet>"); the sentences start with it.
+      units_hint: where the level's units come from; default: the column's `Units` in the
+        TSV's JSON sidecar (for a path) and the dose.
+    """
     problems = []
     for column, values in curves_bqml.items():
         if values is None:
             continue
-        faults = plausibility.blood_faults(t_min, values, column, blood_path)
+        faults = plausibility.blood_faults(t_min, values, column, source)
         if faults:
             raise BidsError(faults[0])
-        hint = f", see '{column}.Units' in {meta_path.name} (Bq/mL when absent) and the dose"
+        hint = units_hint
+        if hint is None:
+            meta_name = pathlib.Path(source).name[: -len(".tsv")] + ".json"
+            hint = f", see '{column}.Units' in {meta_name} (Bq/mL when absent) and the dose"
         problems += plausibility.blood_problems(
-            t_min, values * suv_factor, column, blood_path, scan_end_min, hint, injection_min
+            t_min, values * suv_factor, column, source, scan_end_min, hint, injection_min
         )
     return problems
 
 
-def read_subject(pet_path, blood_path=None, *, check_plausibility: bool = True) -> Study:
+ImageInput = Callable[[np.ndarray, FrameSchedule, np.ndarray], tuple]
+"""`read_subject(input_from_image=...)`: (frames [X, Y, Z, T] SUV float32, schedule, affine
+[4, 4]) -> (times [K] min, plasma [K] SUV, whole blood [K] SUV or None)."""
+
+
+def _blood_until_s(blood_until) -> float | None:
+    """`blood_until` (min) as seconds, or None; a ValueError unless positive and finite."""
+    if blood_until is None:
+        return None
+    if (
+        isinstance(blood_until, bool)
+        or not isinstance(blood_until, int | float | np.integer | np.floating)
+        or not math.isfinite(float(blood_until))
+        or blood_until <= 0
+    ):
+        raise ValueError(f"blood_until must be a positive number of minutes, got {blood_until!r}.")
+    return float(blood_until) * 60.0
+
+
+def _image_curves(
+    input_from_image: ImageInput,
+    frames: np.ndarray,
+    schedule: FrameSchedule,
+    affine: np.ndarray,
+    label: str,
+    blood_until_s: float | None,
+):
+    """(times [K] min, plasma [K] SUV, whole blood [K] SUV or None) from `input_from_image`.
+
+    Checked like a blood file's columns: 1-D and of equal length, at least 2 finite times,
+    strictly increasing from >= 0, reaching the scan's end or `blood_until_s`.
+    """
+    out = input_from_image(frames, schedule, affine)
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        raise ValueError(
+            "input_from_image must return (times [K] min, plasma [K] SUV, whole blood [K] SUV "
+            f"or None), got {type(out).__name__}."
+        )
+    times, plasma, whole = (None if a is None else np.asarray(a, np.float64) for a in out)
+    if (
+        times is None
+        or plasma is None
+        or times.ndim != 1
+        or plasma.shape != times.shape
+        or (whole is not None and whole.shape != times.shape)
+    ):
+        shapes = [None if a is None else a.shape for a in (times, plasma, whole)]
+        raise BidsError(
+            f"{label} has times, plasma and whole blood of shapes {shapes}; they must be 1-D of "
+            "equal length."
+        )
+    if times.size < 2 or not np.all(np.isfinite(times)):
+        raise BidsError(f"{label} needs at least 2 finite sample times (min).")
+    if np.any(np.diff(times) <= 0) or times[0] < 0:
+        raise BidsError(f"{label} has sample times that are negative or not strictly increasing.")
+    scan_end_s = float(schedule.end[-1]) * 60.0
+    _check_cover(float(times[-1]) * 60.0, scan_end_s, blood_until_s, label)
+    return times, plasma, whole
+
+
+def read_subject(
+    pet_path,
+    blood_path=None,
+    *,
+    check_plausibility: bool = True,
+    blood_until: float | None = None,
+    input_from_image: ImageInput | None = None,
+) -> Study:
     """Reads and validates one BIDS-PET scan, converted to SUV and minutes.
 
     Args:
@@ -352,18 +454,35 @@ def read_subject(pet_path, blood_path=None, *, check_plausibility: bool = True) 
         logs them as warnings and keeps them in `Study.warnings` instead (another tracer, a
         phantom, an animal). Non-finite, negative or empty blood curves and images without a
         positive voxel are refused either way.
+      blood_until: the time (min) the plasma curve must reach (within `BLOOD_COVER_RTOL`);
+        default the scan's end. A route that uses only the first 35 min passes 35 so that blood
+        sampled to 35 min is accepted for a 65-min scan.
+      input_from_image: take the blood curves from the image instead of a file (no blood file
+        is looked for): called once the image is decoded as `input_from_image(frames [X, Y, Z,
+        T] float32 SUV, schedule, affine [4, 4])` and returning (times [K] min, plasma [K] SUV,
+        whole blood [K] SUV or None), e.g. `kinetix.data.idif.input_from_image(mask)`. The
+        curves get the same checks as a blood file's (they must reach the scan's end or
+        `blood_until`), named "The image-derived input of <pet>". `Study.blood_path` is then
+        None.
 
     Returns:
       A `Study`: frames [X, Y, Z, T] (SUV), schedule (min), plasma/whole blood (min, SUV).
 
     Raises:
+      ValueError: both `blood_path` and `input_from_image` given, or a `blood_until` that is
+        not a positive number.
       BidsError: on a missing file or key, unknown units, inconsistent frame counts, a non-4-D,
         truncated or corrupt image, non-finite voxels, non-decay-corrected images, frame or
         blood times that are not increasing or look like clock times / minutes, blood that ends
-        before the scan, or non-finite, negative or empty blood curves.
+        before the scan (or `blood_until`), or non-finite, negative or empty blood curves.
       ImplausibleError: (a BidsError) with `check_plausibility`, values outside the plausible
         FDG ranges.
     """
+    if blood_path is not None and input_from_image is not None:
+        raise ValueError(
+            "read_subject takes the blood from blood_path or from input_from_image, not both."
+        )
+    blood_until_s = _blood_until_s(blood_until)
     pet_path = pathlib.Path(pet_path)
     if not pet_path.is_file():
         raise BidsError(f"The PET image {pet_path} does not exist.")
@@ -393,14 +512,20 @@ def read_subject(pet_path, blood_path=None, *, check_plausibility: bool = True) 
                 f"{schedule.n_frames} frames."
             )
 
-    blood_path = _find_blood(pet_path) if blood_path is None else pathlib.Path(blood_path)
     scan_end_min = float(schedule.end[-1])
-    t_s, plasma_bqml, whole_bqml = _read_blood(blood_path, scan_end_min * 60.0)
-    curves = {"plasma_radioactivity": plasma_bqml, "whole_blood_radioactivity": whole_bqml}
+    judge_end_min = scan_end_min if blood_until is None else min(scan_end_min, blood_until)
     t_inj = _number(sidecar.get("InjectionStart", 0.0), "InjectionStart", sidecar_path) / 60.0
-    problems = _blood_checks(blood_path, t_s / 60.0, curves, suv_factor, scan_end_min, t_inj)
-    if problems and check_plausibility:
-        raise plausibility.refusal(problems[0])  # before decoding the image
+    problems: list[str] = []
+    if input_from_image is None:
+        blood_path = _find_blood(pet_path) if blood_path is None else pathlib.Path(blood_path)
+        t_s, plasma_bqml, whole_bqml = _read_blood(blood_path, scan_end_min * 60.0, blood_until_s)
+        curves = {"plasma_radioactivity": plasma_bqml, "whole_blood_radioactivity": whole_bqml}
+        problems += _blood_checks(blood_path, t_s / 60.0, curves, suv_factor, judge_end_min, t_inj)
+        if problems and check_plausibility:
+            raise plausibility.refusal(problems[0])  # before decoding the image
+        t_min = t_s / 60.0
+        plasma = plasma_bqml * suv_factor
+        whole = None if whole_bqml is None else whole_bqml * suv_factor
 
     data = nifti_data(img, pet_path, "PET image", np.float32)  # scaling applied
     n_nan = int(np.count_nonzero(np.isnan(data)))
@@ -418,17 +543,33 @@ def read_subject(pet_path, blood_path=None, *, check_plausibility: bool = True) 
     problems += plausibility.image_problems(frames, schedule, pet_path, hint)
     if problems and check_plausibility:
         raise plausibility.refusal(problems[0])
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if input_from_image is not None:
+        # After the image's own checks: an image off by 1000 is named as such, not as its blood.
+        label = f"The image-derived input of {pet_path}"
+        t_min, plasma, whole = _image_curves(
+            input_from_image, frames, schedule, affine, label, blood_until_s
+        )
+        curves = {
+            "plasma_radioactivity": plasma / suv_factor,
+            "whole_blood_radioactivity": None if whole is None else whole / suv_factor,
+        }
+        found = _blood_checks(label, t_min, curves, suv_factor, judge_end_min, t_inj, hint)
+        if found and check_plausibility:
+            raise plausibility.refusal(found[0])
+        problems += found
     for problem in problems:
         logging.warning("%s", problem)
 
     return Study(
         frames=frames,
         schedule=schedule,
-        plasma_times=t_s / 60.0,
-        plasma=plasma_bqml * suv_factor,
-        whole_blood=None if whole_bqml is None else whole_bqml * suv_factor,
+        plasma_times=t_min,
+        plasma=plasma,
+        whole_blood=whole,
         suv_factor=suv_factor,
-        affine=np.asarray(img.affine, dtype=np.float64),
+        affine=affine,
         header=img.header.copy(),
         subject=subject,
         pet_path=pet_path,

@@ -6,6 +6,7 @@ JSON / TSV helpers that `kinetix.data.bids.truth` reuses. Import these
 names from `kinetix.data.bids`.
 """
 
+import glob
 import importlib.metadata
 import json
 import math
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from kinetix.data.bids.study import Study, _is_number
+from kinetix.data.bids.study import Study, _is_number, load_nifti
 from kinetix.kinetics.frames import FrameSchedule
 
 
@@ -79,12 +80,25 @@ def _subject_label(subject: str) -> str:
     return "sub-" + label
 
 
-def _check_free(paths: Sequence[pathlib.Path], overwrite: bool) -> None:
+def check_outputs_free(paths, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Raises FileExistsError naming the first existing path and ``flag`` (a command's
+    ``--overwrite``, or ``overwrite=True`` for the library), unless ``overwrite``; call it on
+    every output before anything is computed or written.
+
+    Args:
+      paths: the output paths (an iterable of str / Path).
+      overwrite: existing outputs may be replaced.
+      flag: how the caller names the setting that allows replacing them.
+    """
     if overwrite:
         return
     for path in paths:
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+        if pathlib.Path(path).exists():
+            raise FileExistsError(f"{path} already exists; pass {flag} to replace it.")
+
+
+def _check_free(paths: Sequence[pathlib.Path], overwrite: bool) -> None:
+    check_outputs_free(paths, overwrite, "overwrite=True")
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -472,3 +486,43 @@ def write_map(
         intent_name=intent_name if data.ndim == 3 else "",
     )
     return path
+
+
+FRAME_KEYS = ("FrameTimesStart", "FrameDuration", "DecayCorrectionFactor")
+"""The per-frame lists of a PET sidecar (`cut_scan` keeps their first entries)."""
+
+
+def cut_scan(pet_path, n_frames: int, *, drop_blood: bool = True) -> pathlib.Path:
+    """Cuts a BIDS-PET scan in place to its first `n_frames` frames, as a shorter protocol
+    (e.g. 22 frames: 0–35 min) would have acquired it; with `drop_blood`, also removes the
+    blood recordings next to it (a clinic without arterial sampling).
+
+    Args:
+      pet_path: a `*_pet.nii.gz` with its `.json` sidecar.
+      n_frames: frames to keep (1 ≤ n_frames ≤ the scan's frames).
+      drop_blood: delete the `*_recording-*_blood.tsv` / `.json` of the same entities.
+
+    Returns:
+      `pet_path`.
+
+    Raises:
+      BidsError: the scan cannot be read; ValueError: `n_frames` out of range.
+    """
+    pet_path = pathlib.Path(pet_path)
+    data, img = load_nifti(pet_path, "PET image")
+    n = int(img.shape[3]) if len(img.shape) == 4 else 1
+    if not 1 <= int(n_frames) <= n:
+        raise ValueError(f"n_frames must lie in [1, {n}] for {pet_path}, got {n_frames}.")
+    stem = pet_path.name[: -len(".nii.gz")] if pet_path.name.endswith(".gz") else pet_path.stem
+    side_path = pet_path.with_name(stem + ".json")
+    sidecar = json.loads(side_path.read_text())
+    for key in FRAME_KEYS:
+        if isinstance(sidecar.get(key), list):
+            sidecar[key] = sidecar[key][: int(n_frames)]
+    nib.save(nib.Nifti1Image(data[..., : int(n_frames)], img.affine, img.header), pet_path)
+    _write_json(side_path, sidecar)
+    if drop_blood:
+        prefix = stem[: -len("_pet")] if stem.endswith("_pet") else stem
+        for path in pet_path.parent.glob(f"{glob.escape(prefix)}_recording-*_blood.*"):
+            path.unlink()
+    return pet_path

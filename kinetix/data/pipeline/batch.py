@@ -29,6 +29,11 @@ BATCH_KEYS = (
 )
 """Every key of an example and of a batch (see the `kinetix.data.pipeline` table)."""
 
+REFERENCE_KEYS = ("reference_plasma_times", "reference_plasma", "reference_whole_blood")
+"""Extra keys of the examples of a cohort whose input is completed past the early frames
+(`Cohort.with_input`): the measured input curves, [K] f32 (min, SUV, SUV), that the evaluation's
+full-scan reference routes fit."""
+
 
 def input_curves(study: Study, input_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The subject's input curves with exactly `input_points` samples: the network's curve input.
@@ -91,10 +96,12 @@ def slice_example(
 
 
 def stack_examples(examples: Sequence[dict]) -> dict:
-    """A batch from examples: every `BATCH_KEYS` field stacked along a new leading axis B."""
+    """A batch from examples: every `BATCH_KEYS` field (and the `REFERENCE_KEYS` that every
+    example has) stacked along a new leading axis B."""
     if not examples:
         raise ValueError("stack_examples needs at least one example.")
-    return {k: np.stack([ex[k] for ex in examples]) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + tuple(k for k in REFERENCE_KEYS if all(k in ex for ex in examples))
+    return {k: np.stack([ex[k] for ex in examples]) for k in keys}
 
 
 def _padded_slice(frames_z: np.ndarray, multiple: int, n_frames: int) -> np.ndarray:

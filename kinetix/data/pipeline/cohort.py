@@ -5,6 +5,7 @@ the LRU cache. Import these names from `kinetix.data.pipeline`.
 """
 
 import collections
+import copy
 import dataclasses
 import json
 import math
@@ -18,7 +19,7 @@ import numpy as np
 from kinetix.data import bids
 from kinetix.data.bids import Study
 from kinetix.data.bids.read import read_schedule
-from kinetix.data.pipeline.batch import input_curves, slice_example
+from kinetix.data.pipeline.batch import REFERENCE_KEYS, input_curves, slice_example
 from kinetix.data.pipeline.curves import DEFAULT_INPUT_POINTS, DEFAULT_MASK_THRESHOLD
 from kinetix.kinetics.frames import FrameSchedule
 from kinetix.maps.mask import reference_level, threshold_mask, time_average
@@ -70,6 +71,12 @@ def _bids_entry(pet_path: pathlib.Path) -> _Entry:
         raise bids.BidsError(f"The PET sidecar {sidecar_path} must hold a JSON object.")
     schedule = read_schedule(sidecar, sidecar_path, shape[3], pet_path)
     return _Entry(shape=shape[:3], schedule=schedule, path=pet_path)
+
+
+def _frozen(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 def _same_schedule(a: FrameSchedule, b: FrameSchedule) -> bool:
@@ -133,6 +140,7 @@ class Cohort:
                     f"has {self.shape[0]}×{self.shape[1]}; a cohort needs one slice size."
                 )
         self._studies = studies  # in memory (from_studies) or None (lazy)
+        self._complete = None  # Study -> Study for the input curves (`with_input`), or None
         self._cache_size = cache_size
         self._init_runtime()
 
@@ -289,13 +297,37 @@ class Cohort:
             self._remember_reference(subject, self.study(subject))
         return self._reference[subject]
 
+    def with_input(self, complete) -> "Cohort":
+        """A view of this cohort whose input curves are ``complete(study).plasma_times / plasma
+        / whole_blood`` (e.g. the blood after the early frames replaced by an extrapolation,
+        `kinetix.data.late_input.complete_study`); frames, masks and the decoded studies are
+        shared with this cohort. The view's examples also carry the measured curves
+        (`REFERENCE_KEYS`). ``complete`` runs once per subject and input size; its errors
+        propagate.
+        """
+        view = copy.copy(self)
+        view._complete = complete
+        view._curves = {}
+        return view
+
+    def reference_curves(self, subject: str, input_points: int = DEFAULT_INPUT_POINTS):
+        """The measured input curves (as `curves` without `with_input`'s completion)."""
+        if self._complete is None:
+            return self.curves(subject, input_points)
+        key = ("reference", subject, int(input_points))
+        if key not in self._curves:
+            self._check_subject(subject)
+            self._curves[key] = _frozen(input_curves(self.study(subject), int(input_points)))
+        return self._curves[key]
+
     def curves(self, subject: str, input_points: int = DEFAULT_INPUT_POINTS):
         """The subject's input curves with exactly `input_points` samples.
 
         Returns:
           (times [K] f32 min, plasma [K] f32 SUV, whole_blood [K] f32 SUV); whole blood is the
           plasma when the study has none. Compressed jointly (`compress_curve`) when the study
-          has more than K samples, then padded (`pad_curve`).
+          has more than K samples, then padded (`pad_curve`). A `with_input` view returns the
+          completed curves.
         """
         self._check_subject(subject)
         input_points = int(input_points)
@@ -303,10 +335,10 @@ class Cohort:
             raise ValueError(f"input_points must be >= 2, got {input_points}.")
         key = (subject, input_points)
         if key not in self._curves:
-            out = input_curves(self.study(subject), input_points)
-            for a in out:
-                a.setflags(write=False)
-            self._curves[key] = out
+            study = self.study(subject)
+            if self._complete is not None:
+                study = self._complete(study)
+            self._curves[key] = _frozen(input_curves(study, input_points))
         return self._curves[key]
 
     def slice(
@@ -336,7 +368,11 @@ class Cohort:
             time_average(frames, self.schedule), self.mask_reference(subject), mask_threshold
         )
         curves = self.curves(subject, input_points)
-        return slice_example(frames, mask, curves, self._index[subject], z)
+        example = slice_example(frames, mask, curves, self._index[subject], z)
+        if self._complete is not None:
+            reference = self.reference_curves(subject, input_points)
+            example.update(zip(REFERENCE_KEYS, reference, strict=True))
+        return example
 
     def records(self, subjects: Sequence[str]) -> list[tuple[int, int]]:
         """(subject index, z) for every slice of `subjects`, in the given order, then z."""

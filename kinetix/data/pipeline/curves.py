@@ -79,6 +79,7 @@ def compress_curve(times, values, max_points: int = DEFAULT_INPUT_POINTS):
     v64 = v64 / np.where(scale > 0, scale, 1.0)  # relative to each curve's peak
     kept = [0, k - 1]  # sorted indices of kept samples
     err = np.max(_segment_error(t64, v64, 0, k - 1), axis=0)  # [K]
+    err[[0, k - 1]] = 0.0
     while len(kept) < max_points:
         i = int(np.argmax(err))
         if err[i] <= 0.0:
@@ -88,6 +89,7 @@ def compress_curve(times, values, max_points: int = DEFAULT_INPUT_POINTS):
         kept.insert(pos, i)
         err[a : i + 1] = np.max(_segment_error(t64, v64, a, i), axis=0)
         err[i : b + 1] = np.max(_segment_error(t64, v64, i, b), axis=0)
+        err[[a, i, b]] = 0.0  # kept samples are exact (not a rounding error of the segment)
     idx = np.asarray(kept)
     return t[idx], v[..., idx]
 
