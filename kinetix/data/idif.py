@@ -41,7 +41,7 @@ from absl import logging
 
 from kinetix.data.bids import read as bids_read
 from kinetix.data.bids.study import BidsError, Study, _read_tsv, load_nifti
-from kinetix.data.bids.write import _write_json, _write_tsv, blood_sidecar
+from kinetix.data.bids.write import _write_json, _write_tsv, blood_sidecar, check_outputs_free
 from kinetix.kinetics.frames import FrameSchedule
 
 CORE_RULES = ("hottest", "erode")
@@ -382,12 +382,17 @@ def blood_core(
         mask or one whose mean is never positive.
     """
     frames, mask = _check_frames_mask(frames, schedule, mask)
+    return _core(frames, schedule, mask, rule, fraction, erosion, in_plane)[0]
+
+
+def _core(frames, schedule, mask, rule, fraction, erosion, in_plane) -> tuple[np.ndarray, str]:
+    """`blood_core` on checked arrays: (core, the rule that made it)."""
     if rule not in CORE_RULES:
         raise ValueError(f"rule must be one of {', '.join(CORE_RULES)}, got {rule!r}.")
     if rule == "erode":
         core = erode(mask, erosion, in_plane)
         if np.count_nonzero(core) >= MIN_CORE_VOXELS:
-            return core
+            return core, rule
         logging.warning(
             "Eroding the IDIF mask (%d voxels) by %d voxels leaves %d, fewer than %d; using the "
             "hottest %.0f %% of the mask instead.",
@@ -400,7 +405,7 @@ def blood_core(
     core = _hottest(frames, schedule, mask, fraction)
     if not np.any(core):  # cannot happen for a non-empty mask; kept as the contract
         raise ValueError("The IDIF core is empty.")
-    return core
+    return core, "hottest" if rule == "hottest" else "hottest (erosion left too few voxels)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,23 +533,12 @@ def image_derived_input(
             "cannot give an image-derived input."
         )
     frames, mask = _check_frames_mask(frames, schedule, mask)
-    core = blood_core(
-        frames,
-        schedule,
-        mask,
-        rule=core_rule,
-        fraction=fraction,
-        erosion=erosion,
-        in_plane=in_plane,
-    )
+    core, rule = _core(frames, schedule, mask, core_rule, fraction, erosion, in_plane)
     n_core = int(np.count_nonzero(core))
     whole = frames[core].astype(np.float64).mean(axis=0)  # [T]
     times = np.concatenate([[0.0], schedule.mid, schedule.end[-1:]])
     whole = np.concatenate([[0.0], whole, whole[-1:]])
     plasma = plasma_from_whole_blood(times, whole, plasma_model, **ratio_params)
-    rule = core_rule
-    if core_rule == "erode" and not np.array_equal(core, erode(mask, erosion, in_plane)):
-        rule = "hottest (erosion left too few voxels)"
     description = {
         "Method": "image-derived input: mean of the core voxels of the mask in each frame",
         "CoreRule": rule,
@@ -707,12 +701,7 @@ def write_blood(
         raise ValueError(f"An IDIF blood file must be named *_blood.tsv, got {path.name}.")
     suv_factor = _positive("suv_factor", suv_factor)
     meta = path.with_name(path.name[: -len(".tsv")] + ".json")
-    if not overwrite:
-        for out in (path, meta):
-            if out.exists():
-                raise FileExistsError(
-                    f"{out} already exists; pass --overwrite (overwrite=True) to replace it."
-                )
+    check_outputs_free((path, meta), overwrite, "--overwrite (overwrite=True)")
     columns = {
         "time": np.asarray(result.times, np.float64) * 60.0,
         "plasma_radioactivity": np.asarray(result.plasma, np.float64) / suv_factor,

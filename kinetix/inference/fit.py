@@ -258,7 +258,9 @@ def fit_study(
     window = parse_window(window)
     paths = output_paths(pet, out, fit_delay)
     sidecars = [sidecar_path(p) for p in paths.values() if p.suffix == ".gz"]
-    check_outputs_free([*paths.values(), *sidecars], overwrite)
+    check_outputs_free(
+        [*paths.values(), *sidecars, *late.idif_paths(pet, out, idif_mask)], overwrite
+    )
     bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
     study, input_used, idif_result = late.read_study(
@@ -268,8 +270,6 @@ def fit_study(
         idif_label=idif_label,
         check_plausibility=check_plausibility,
     )
-    if idif_result is not None:
-        check_outputs_free(late.idif_paths(study, out), overwrite)
     result, mask, fit = fit_maps(
         study,
         window=window,

@@ -194,15 +194,19 @@ def complete_fn(late: str, *, t_cut: float, t_end: float, population=None, sampl
     return complete
 
 
-def idif_paths(study, out_dir) -> list[pathlib.Path]:
-    """The IDIF blood TSV and JSON that `write_idif_blood` writes for `study` in `out_dir`."""
-    path = pathlib.Path(out_dir) / idif.idif_blood_path(study.pet_path).name
+def idif_paths(pet, out_dir, idif_mask=True) -> list[pathlib.Path]:
+    """The IDIF blood TSV and JSON that `write_idif_blood` writes for the scan `pet` in
+    `out_dir` ([] without `idif_mask`): known before the scan is read, so a command checks
+    them with its other outputs."""
+    if idif_mask is None:
+        return []
+    path = pathlib.Path(out_dir) / idif.idif_blood_path(pet).name
     return [path, path.with_name(path.name[: -len(".tsv")] + ".json")]
 
 
 def write_idif_blood(idif_result, study, out_dir, overwrite: bool = False) -> list[pathlib.Path]:
     """Writes the IDIF as `<out_dir>/<sub>_recording-IDIF_blood.tsv` (+ .json); returns paths."""
-    path = idif_paths(study, out_dir)[0]
+    path = idif_paths(study.pet_path, out_dir)[0]
     return idif.write_blood(
         path, idif_result, study.suv_factor, sources=[str(study.pet_path)], overwrite=overwrite
     )

@@ -323,6 +323,8 @@ def predict_to_dir(
     if isinstance(batch_slices, bool) or not isinstance(batch_slices, int) or batch_slices < 1:
         raise ValueError(f"--batch_slices must be a positive integer, got {batch_slices!r}.")
     out = bids.check_writable_dir(out, "output directory (--out)")
+    # The maps' names need the study's subject; the IDIF's only the file name.
+    check_outputs_free(late.idif_paths(pet, out, idif_mask), overwrite)
     config = load_config(workdir)
     trained = trained_schedule(workdir)
     n_early = int(config.model.n_early)
@@ -338,10 +340,7 @@ def predict_to_dir(
         t_end=float(trained.end[-1]),
         check_plausibility=check_plausibility,
     )
-    names = output_names(study.subject)
-    if idif_result is not None:
-        names += [p.name for p in late.idif_paths(study, out)]
-    check_outputs_free([out / n for n in names], overwrite)
+    check_outputs_free([out / n for n in output_names(study.subject)], overwrite)
     graphdef, params = restore_params(config, workdir, step)
     eval_step = make_eval_step(graphdef, config, trained)
     predict_fn = make_predict_fn(eval_step, params, NamedSharding(make_mesh(), P("data")))

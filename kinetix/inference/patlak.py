@@ -303,7 +303,7 @@ def patlak_study(
     """
     _check_study_args(method, mask_threshold)
     paths = output_paths(pet, out)
-    check_outputs_free(paths.values(), overwrite)
+    check_outputs_free([*paths.values(), *late.idif_paths(pet, out, idif_mask)], overwrite)
     bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
     population = late.load_population(late_input, population)
@@ -321,8 +321,6 @@ def patlak_study(
             population=population,
             check_plausibility=check_plausibility,
         )
-        if idif_result is not None:
-            check_outputs_free(late.idif_paths(study, out), overwrite)
         fit = maps.fit_frames(study.schedule, t_star, t_end)  # the window, before mask and fit
         t1 = time.perf_counter()
         if plain:
