@@ -16,6 +16,12 @@ Wall time is measured around the subprocess, peak memory is the child's `ru_maxr
 `os.wait4`). The table prints the median of `--repeats` runs, the ratio to the baseline, the
 targets (< 10 s, ≤ 3× the volume's size) and TPCCLIB imgki's external figure (6.3 s on this
 volume size). It also checks that both Ki maps agree inside the kinetix mask.
+
+The read alone is timed too, each in a fresh subprocess that has imported kinetix first (so JAX's
+start-up is not counted): kinetix's `bids.read_subject` (sidecar, blood, checks, zlib-ng inflate
+into one array, SUV scaling in place) against what it replaces, nibabel's
+`get_fdata(dtype=float32)` times the SUV factor; memory is the peak above the child's resident
+memory before reading. kinetix's own log splits its end-to-end time into read, fit and write.
 """
 
 import argparse
@@ -182,6 +188,34 @@ def timed(cmd: list[str]) -> tuple[float, float, float, str]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024.0, err
 
 
+def read_only(how: str, pet: pathlib.Path) -> None:
+    """Child: reads the scan as `how` ("kinetix" or "nibabel") and prints one JSON line: wall
+    and CPU seconds of the read, resident memory (bytes) before it and at its peak."""
+    import nibabel as nib
+
+    from kinetix.data import bids
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    t0, c0 = time.perf_counter(), time.process_time()
+    if how == "kinetix":
+        frames = bids.read_subject(pet).frames
+    else:
+        side = json.loads(pet.with_name(pet.name.replace(".nii.gz", ".json")).read_text())
+        suv_factor = side["BodyWeight"] * 1e3 / (side["InjectedRadioactivity"] * 1e6)  # g/Bq
+        frames = nib.load(pet).get_fdata(dtype=np.float32) * np.float32(suv_factor)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    print(json.dumps({"wall": wall, "cpu": cpu, "before": before, "peak": peak, "n": frames.size}))
+
+
+def timed_read(how: str, pet: pathlib.Path) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak resident memory above the start in bytes) of `read_only` in a child."""
+    cmd = [sys.executable, __file__, "--read", how, str(pet)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    return row["wall"], row["cpu"], row["peak"] - row["before"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 256, 71))
@@ -192,7 +226,11 @@ def main() -> None:
         "--baseline", nargs=3, metavar=("PET", "BLOOD", "OUT"), help=argparse.SUPPRESS
     )
     parser.add_argument("--write", nargs=4, metavar=("ROOT", "X", "Y", "Z"), help=argparse.SUPPRESS)
+    parser.add_argument("--read", nargs=2, metavar=("HOW", "PET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.read:
+        read_only(args.read[0], pathlib.Path(args.read[1]))
+        return
     if args.write:
         write_subject(pathlib.Path(args.write[0]), tuple(int(v) for v in args.write[1:]))
         return
@@ -239,6 +277,8 @@ def main() -> None:
             ],
         }
         results = {name: [] for name in runs}
+        reads = {"kinetix read_subject (zlib-ng)": "kinetix", "nibabel get_fdata × SUV": "nibabel"}
+        read_results = {name: [] for name in reads}
         breakdown = []
         for _ in range(args.repeats):
             for name, cmd in runs.items():
@@ -247,8 +287,11 @@ def main() -> None:
                 if "kinetix" in name:
                     line = next((ln for ln in err.splitlines() if "read " in ln), "")
                     breakdown.append(line.split("] ", 1)[-1])
+            for name, how in reads.items():
+                read_results[name].append(timed_read(how, pet))
         report(results, volume_bytes, breakdown)
-        check_agreement(kin_out, base_out)
+        report_reads(read_results, volume_bytes)
+        check_agreement(pet, kin_out, base_out)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -284,11 +327,25 @@ def report(results: dict, volume_bytes: int, breakdown: list[str]) -> None:
         print(f"kinetix run {i + 1}: {line}")
 
 
-def check_agreement(kin_out: pathlib.Path, base_out: pathlib.Path) -> None:
+def report_reads(results: dict, volume_bytes: int) -> None:
+    """Prints the read-only table (medians over the repeats)."""
+    print(
+        f"\n{'read only (medians)':32s}{'wall s':>8s}{'CPU s':>8s}{'peak above start GB':>21s}"
+        f"{'×volume':>9s}"
+    )
+    for name, rows in results.items():
+        wall, cpu, rss = np.median(np.asarray(rows), axis=0)
+        print(f"{name:32s}{wall:8.2f}{cpu:8.2f}{rss / 1e9:21.2f}{rss / volume_bytes:9.2f}")
+
+
+def check_agreement(pet: pathlib.Path, kin_out: pathlib.Path, base_out: pathlib.Path) -> None:
     import nibabel as nib
 
-    ki = np.asarray(nib.load(kin_out / "sub-01_Ki.nii.gz").dataobj)
-    mask = np.asarray(nib.load(kin_out / "sub-01_mask.nii.gz").dataobj) > 0
+    from kinetix.inference import patlak  # after the timings: the parent stays small for them
+
+    paths = patlak.output_paths(pet, kin_out)
+    ki = np.asarray(nib.load(paths["ki"]).dataobj)
+    mask = np.asarray(nib.load(paths["mask"]).dataobj) > 0
     ref = np.asarray(nib.load(base_out / "baseline_Ki.nii.gz").dataobj)
     diff = np.abs(ki[mask] - ref[mask])
     scale = float(np.percentile(np.abs(ref[mask]), 99))

@@ -54,6 +54,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = d = ml_collections.ConfigDict()
     d.root = ""  # BIDS-PET root; empty: a cohort simulated once into <workdir>/data
+    # Which scan of each subject to take, by BIDS entity: comma-separated key-label pairs, e.g.
+    # "ses-baseline,trc-18FFDG,rec-acdyn,run-1" (a key twice allows either label); "": every
+    # scan (a subject with several is refused). docs/conventions.md, "Entities, scans and
+    # blood recordings".
+    d.entities = ""
+    # The blood recording to read, e.g. "autosampler" (the label of *_recording-<label>_blood.tsv);
+    # "": each subject's only recording, or "manual" when it has several.
+    d.recording = ""
     d.sim_subjects = 24  # simulated cohort: number of subjects
     d.sim_slices = 8  # slices per simulated subject
     d.sim_size = 64  # matrix size of simulated slices

@@ -41,9 +41,17 @@ LATE_INPUT_CHOICES = ("measured", "fit", "population")
 
 
 def define_input_flags(fv: flags.FlagValues, late: bool = True) -> None:
-    """The input-function flags of the commands that read a scan: ``--idif_mask``,
-    ``--idif_label`` and, with ``late``, ``--late_input``, ``--late_sample``, ``--population``
-    (docs/input.md)."""
+    """The input-function flags of the commands that read a scan: ``--recording``,
+    ``--idif_mask``, ``--idif_label`` and, with ``late``, ``--late_input``, ``--late_sample``,
+    ``--population`` (docs/input.md)."""
+    flags.DEFINE_string(
+        "recording",
+        None,
+        "The blood recording next to --pet to read, e.g. autosampler (the label of its "
+        "*_recording-<label>_blood.tsv); default: the only one, or manual among several "
+        "(excludes --blood and --idif_mask).",
+        flag_values=fv,
+    )
     flags.DEFINE_string(
         "idif_mask",
         None,
@@ -81,6 +89,25 @@ def define_input_flags(fv: flags.FlagValues, late: bool = True) -> None:
         "population_input.json).",
         flag_values=fv,
     )
+
+
+def blood_flag(fv: flags.FlagValues, find_blood: Callable) -> str | pathlib.Path | None:
+    """The blood file a command reads: ``--blood``, or with ``--recording`` that recording's
+    file next to ``--pet``, found by ``find_blood(pet, recording)``
+    (`kinetix.data.bids.find_blood`); None: the reader's own choice.
+
+    Raises:
+      ValueError: ``--recording`` with ``--blood`` or ``--idif_mask``.
+    """
+    if fv.recording is None:
+        return fv.blood
+    for other in ("blood", "idif_mask"):
+        if fv[other].value is not None:
+            raise ValueError(
+                f"--recording and --{other} exclude each other: --recording chooses among the "
+                "blood files next to --pet."
+            )
+    return find_blood(fv.pet, fv.recording)
 
 
 def _config_file(argv: Sequence[str]) -> str | None:

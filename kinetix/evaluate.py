@@ -2,7 +2,7 @@
 
     python -m kinetix.evaluate --workdir W [--data BIDS] [--ablation_workdir W2] [--out DIR]
                                [--step N] [--overwrite] [--late_input fit|population]
-                               [--late_sample_min 60]
+                               [--late_sample_min 60] [--entities ses-followup]
 
 Flags, then `kinetix.evaluation.evaluate_workdir` (see there, and `kinetix.evaluation.run`, for
 what is computed). Writes `metrics.json`, `report.md`, `per_slice.csv` and `figures/*.png` under
@@ -27,6 +27,13 @@ def define_flags(fv: flags.FlagValues, argv=()) -> None:
     )
     flags.DEFINE_string(
         "data", None, "BIDS-PET root to evaluate (default: the run's test split).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "entities",
+        None,
+        "BIDS entities that choose each subject's scan, e.g. ses-followup,trc-18FFDG (default: "
+        "the run's config.data.entities; --entities= for none).",
+        flag_values=fv,
     )
     flags.DEFINE_string(
         "ablation_workdir", None, "Trained direct (no-model) run to compare.", flag_values=fv
@@ -78,6 +85,7 @@ def main(fv: flags.FlagValues) -> None:
         step=fv.step,
         late_input=fv.late_input,
         late_sample_min=fv.late_sample_min,
+        entities=fv.entities,
     )
     print(result["table"])
     print(f"\nReport: {pathlib.Path(result['out_dir']) / 'report.md'}")

@@ -1,6 +1,6 @@
 """Voxelwise 2TCM maps of a BIDS-PET scan.
 
-    python -m kinetix.fit --pet sub-01_pet.nii.gz [--blood sub-01_..._blood.tsv] --out DIR \\
+    python -m kinetix.fit --pet sub-01_pet.nii.gz [--blood B | --recording R] --out DIR \\
         [--window START,END] [--model 2tcm|2tcm_irreversible] [--fit_delay] \\
         [--weights duration|duration_decay|none] [--idif_mask M [--idif_label N]] \\
         [--overwrite] [--nocheck_plausibility]
@@ -13,6 +13,7 @@ from absl import flags
 import kinetix.kinetics as kk
 from kinetix import cli as cli_lib
 from kinetix import maps
+from kinetix.data import bids
 from kinetix.inference import fit
 
 PROG = "kinetix.fit"
@@ -61,7 +62,7 @@ def main(fv: flags.FlagValues) -> None:
     paths = fit.fit_study(
         fv.pet,
         fv.out,
-        blood=fv.blood,
+        blood=cli_lib.blood_flag(fv, bids.find_blood),
         window=fv.window,
         model=fv.model,
         fit_delay=fv.fit_delay,

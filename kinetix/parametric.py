@@ -1,6 +1,6 @@
 """Voxelwise Patlak Ki and V0 maps of a BIDS-PET scan.
 
-    python -m kinetix.parametric --pet sub-01_pet.nii.gz [--blood sub-01_..._blood.tsv] \\
+    python -m kinetix.parametric --pet sub-01_pet.nii.gz [--blood B | --recording R] \\
         --tstar 9 [--tend 35] [--method ols|perpendicular] --out DIR [--overwrite] \\
         [--chunk_voxels 65536] [--mask_rule filled|threshold] [--mask_threshold 0.02] \\
         [--idif_mask M [--idif_label N]] [--late_input measured|fit|population] \\
@@ -14,6 +14,7 @@ from absl import flags
 import kinetix.kinetics as kk
 from kinetix import cli as cli_lib
 from kinetix import maps
+from kinetix.data import bids
 from kinetix.inference import patlak
 
 PROG = "kinetix.parametric"
@@ -68,7 +69,7 @@ def main(fv: flags.FlagValues) -> None:
         fv.tstar,
         fv.tend,
         fv.method,
-        blood=fv.blood,
+        blood=cli_lib.blood_flag(fv, bids.find_blood),
         overwrite=fv.overwrite,
         chunk_voxels=fv.chunk_voxels,
         mask_threshold=fv.mask_threshold,

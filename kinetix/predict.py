@@ -1,7 +1,7 @@
 """Predict the late frames, Ki and 2TCM parameter maps of one subject from its first 35 minutes.
 
     python -m kinetix.predict --workdir W --pet sub-01_pet.nii.gz [--blood B] --out DIR \\
-        [--idif_mask M [--idif_label N]] [--late_input measured|fit|population] \\
+        [--recording R] [--idif_mask M [--idif_label N]] [--late_input measured|fit|population] \\
         [--late_sample 60min,5.2kBq/mL] [--nocheck_plausibility]
 
 Flags, then `kinetix.inference.predict_to_dir` (see there for what is written). A 22-frame file
@@ -12,6 +12,7 @@ from absl import flags
 
 from kinetix import cli as cli_lib
 from kinetix import inference
+from kinetix.data import bids
 
 PROG = "kinetix.predict"
 USAGE = "--workdir W --pet X_pet.nii.gz [--blood B] --out DIR [flags]"
@@ -43,7 +44,7 @@ def main(fv: flags.FlagValues) -> None:
         fv.workdir,
         fv.pet,
         fv.out,
-        fv.blood,
+        cli_lib.blood_flag(fv, bids.find_blood),
         step=fv.step,
         batch_slices=fv.batch_slices,
         overwrite=fv.overwrite,
@@ -54,7 +55,7 @@ def main(fv: flags.FlagValues) -> None:
         late_sample=fv.late_sample,
         population=fv.population,
     )
-    print(f"Wrote {len(paths)} files (maps and the Ki sidecar) to {fv.out}")
+    print(f"Wrote {len(paths)} files (maps and their JSON sidecars) to {fv.out}")
 
 
 def cli(argv) -> int:

@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import shutil
 import types
 
 import nibabel as nib
@@ -483,14 +484,21 @@ def test_truth_round_trip(tmp_path):
     out = bids.write_truth(tmp_path, "01", noisefree, params, ki, labels, AFFINE, names)
     assert out == tmp_path / "derivatives" / "truth" / "sub-01"
     for name in (
-        "sub-01_desc-noisefree_pet.nii.gz",
-        "sub-01_param-K1_map.nii.gz",
-        "sub-01_param-fv_map.nii.gz",
-        "sub-01_Ki.nii.gz",
-        "sub-01_dseg.nii.gz",
-        "sub-01_dseg.tsv",
+        "pet/sub-01_desc-noisefree_pet.nii.gz",
+        "pet/sub-01_desc-noisefree_pet.json",
+        "pet/sub-01_km-2tcm_K1.nii.gz",
+        "pet/sub-01_km-2tcm_K1.json",
+        "pet/sub-01_km-2tcm_fv.nii.gz",
+        "pet/sub-01_km-2tcm_Ki.nii.gz",
+        "anat/sub-01_dseg.nii.gz",
+        "anat/sub-01_dseg.tsv",
+        "anat/sub-01_dseg.json",
     ):
         assert (out / name).is_file(), name
+    description = json.loads((out.parent / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["DatasetLinks"] == {"raw": "../.."}
+    assert json.loads((out / "pet" / "sub-01_km-2tcm_K1.json").read_text())["Units"] == "mL/min/mL"
     truth = bids.read_truth(tmp_path, "sub-01")
     np.testing.assert_array_equal(truth["noisefree"], noisefree)
     assert list(truth["params"]) == ["fv", "K1", "k2", "k3", "k4"]
@@ -507,6 +515,34 @@ def test_truth_round_trip(tmp_path):
         bids.write_truth(tmp_path, "02", noisefree, params, ki, labels, AFFINE, {0: "bg"})
     with pytest.raises(bids.BidsError, match="sub-03"):
         bids.read_truth(tmp_path, "sub-03")
+
+
+def test_truth_in_the_flat_layout_of_earlier_versions_is_read(tmp_path):
+    """Truths written before the BIDS-Derivatives layout (every file in sub-XX/) still read."""
+    rng = np.random.default_rng(4)
+    noisefree = rng.uniform(0, 1e4, SHAPE).astype(np.float32)
+    params = {n: rng.uniform(0, 1, SHAPE[:3]).astype(np.float32) for n in ("fv", "K1")}
+    ki = rng.uniform(0, 0.05, SHAPE[:3]).astype(np.float32)
+    labels = rng.integers(0, 2, SHAPE[:3])
+    bids.write_truth(tmp_path, "01", noisefree, params, ki, labels, AFFINE, {0: "bg", 1: "liver"})
+    sub = tmp_path / "derivatives" / "truth" / "sub-01"
+    flat_names = {
+        "pet/sub-01_desc-noisefree_pet.nii.gz": "sub-01_desc-noisefree_pet.nii.gz",
+        "pet/sub-01_km-2tcm_fv.nii.gz": "sub-01_param-fv_map.nii.gz",
+        "pet/sub-01_km-2tcm_K1.nii.gz": "sub-01_param-K1_map.nii.gz",
+        "pet/sub-01_km-2tcm_Ki.nii.gz": "sub-01_Ki.nii.gz",
+        "anat/sub-01_dseg.nii.gz": "sub-01_dseg.nii.gz",
+        "anat/sub-01_dseg.tsv": "sub-01_dseg.tsv",
+    }
+    for new, old in flat_names.items():
+        (sub / new).rename(sub / old)
+    for folder in ("pet", "anat"):
+        shutil.rmtree(sub / folder)
+    assert bids.truth_paths(tmp_path, "sub-01")["ki"] == sub / "sub-01_Ki.nii.gz"
+    truth = bids.read_truth(tmp_path, "sub-01")
+    assert list(truth["params"]) == ["fv", "K1"]
+    np.testing.assert_array_equal(truth["ki"], ki)
+    np.testing.assert_array_equal(truth["params"]["K1"], params["K1"])
 
 
 def test_writer_rejects_bad_arguments(tmp_path):

@@ -679,7 +679,7 @@ def test_fit_routes_join_every_table_and_the_report(cohort_root, tmp_path):
     cohort, root = cohort_root
     config = _config(1)
     config.eval.update(
-        fit_2tcm=True, fit_weights="duration", fit_starts=2, fit_max_steps=100, fit_chunk_voxels=512
+        fit_2tcm=True, fit_weights="duration", fit_starts=2, fit_max_steps=100, fit_chunk_voxels=128
     )
     config.kinetics.update(decay_constant=kk.F18_DECAY_CONSTANT, use_whole_blood=False)
     res = evaluation.evaluate_run(

@@ -16,7 +16,9 @@ import pytest
 import kinetix.kinetics as kk
 from kinetix import fit as fit_cmd
 from kinetix import maps
+from kinetix.data import bids
 from kinetix.evaluation import fits, routes
+from kinetix.inference import fit as fit_study_lib
 
 SCHED = kk.PAPER_SCHEDULE
 INP = kk.FengInput(np.asarray(kk.FENG_FDG) * np.array([0.02] * 3 + [1] * 4))
@@ -86,18 +88,20 @@ def test_fit_command_writes_every_map_with_a_sidecar_and_recovers_ki(subject, tm
     out = tmp_path / "fit"
     status = fit_cmd.cli(["fit", "--pet", str(subject), "--out", str(out), "--window", "0,35"])
     assert status == 0, capsys.readouterr().err
-    summary = json.loads((out / "sub-01_fit.json").read_text())
+    paths = fit_study_lib.output_paths(subject, out)
+    assert paths["K1"] == out / "sub-01" / "pet" / "sub-01_km-2tcm_K1.nii.gz"
+    summary = json.loads(paths["summary"].read_text())
     assert summary["Window"] == [0.0, 35.0] and summary["FramesUsed"] == list(range(22))
     assert summary["Model"] == "2tcm" and summary["Voxels"] > 0
     for name in ("K1", "k4", "fv"):
-        meta = json.loads((out / f"sub-01_param-{name}_map.json").read_text())
-        assert isinstance(meta["Units"], str) and meta["Sources"][0].endswith("_pet.nii.gz")
-    ki = np.asarray(nib.load(out / "sub-01_Ki.nii.gz").dataobj)
-    mask = np.asarray(nib.load(out / "sub-01_mask.nii.gz").dataobj) > 0
-    fv = np.asarray(nib.load(out / "sub-01_param-fv_map.nii.gz").dataobj)
+        meta = json.loads(fit_study_lib.sidecar_path(paths[name]).read_text())
+        assert isinstance(meta["Units"], str)
+        assert meta["Sources"][0] == "bids:raw:sub-01/pet/sub-01_pet.nii.gz"
+    ki = np.asarray(nib.load(paths["Ki"]).dataobj)
+    mask = np.asarray(nib.load(paths["mask"]).dataobj) > 0
+    fv = np.asarray(nib.load(paths["fv"]).dataobj)
     # The simulator's voxel Ki (noise-free frames): tissue Ki × (1 − fv) × the tissue fraction.
-    truth_dir = subject.parents[2] / "derivatives" / "truth" / "sub-01"
-    true_ki = np.asarray(nib.load(truth_dir / "sub-01_Ki.nii.gz").dataobj)
+    true_ki = np.asarray(nib.load(bids.truth_paths(subject.parents[2], "sub-01")["ki"]).dataobj)
     voxel_ki = (1 - fv) * ki
     hot = mask & (true_ki > 0.2 * true_ki.max())
     rel = np.abs(voxel_ki[hot] - true_ki[hot]) / true_ki[hot]

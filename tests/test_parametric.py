@@ -169,14 +169,21 @@ def test_cli_subprocess_writes_maps_on_input_grid(subject, tmp_path):
     assert proc.returncode == 0, proc.stderr
     ki, v0, mask = patlak_study.patlak_maps(subject.study, 9.0)
     src = nib.load(subject.pet)
-    for name, expected in (("Ki", ki), ("V0", v0), ("mask", mask.astype(np.float32))):
-        img = nib.load(out / f"sub-01_{name}.nii.gz")
+    paths = patlak_study.output_paths(subject.pet, out)
+    for name, expected in (("ki", ki), ("v0", v0), ("mask", mask.astype(np.float32))):
+        img = nib.load(paths[name])
         np.testing.assert_array_equal(img.affine, src.affine)
         np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
         assert img.header.get_zooms()[:3] == src.header.get_zooms()[:3]
         assert img.get_data_dtype() == np.float32
         np.testing.assert_allclose(np.asarray(img.dataobj), expected, rtol=1e-6, atol=1e-9)
-    meta = json.loads((out / "sub-01_Ki.json").read_text())
+    assert paths["ki"] == out / "sub-01" / "pet" / "sub-01_km-patlak_Ki.nii.gz"
+    meta = json.loads(paths["json"].read_text())
+    # The scan lies in no BIDS dataset (no dataset_description.json): Sources are file URIs.
+    assert meta["Units"] == "mL/min/mL" and meta["Sources"][0] == subject.pet.resolve().as_uri()
+    assert json.loads(paths["v0_json"].read_text())["Units"] == "mL/mL"
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and "DatasetLinks" not in description
     assert meta["Method"] == "ols" and meta["TStar"] == 9.0 and meta["TEnd"] == 65.0
     assert meta["FramesUsed"] == list(range(15, 28))
     assert "TPCCLIB" in meta["Conventions"] and meta["Mask"]["Voxels"] == int(mask.sum())
@@ -185,14 +192,15 @@ def test_cli_subprocess_writes_maps_on_input_grid(subject, tmp_path):
 def test_cli_refuses_to_overwrite(subject, tmp_path, capsys):
     args = ("--pet", subject.pet, "--tstar", 9, "--out", tmp_path, "--method", "perpendicular")
     assert parametric.cli(_cli(*args)) == 0
-    before = (tmp_path / "sub-01_Ki.nii.gz").stat().st_mtime_ns
+    paths = patlak_study.output_paths(subject.pet, tmp_path)
+    before = paths["ki"].stat().st_mtime_ns
     assert parametric.cli(_cli(*args)) == 2
     err = capsys.readouterr().err
     assert "kinetix.parametric: error:" in err and "already exists" in err
     assert "Traceback" not in err
-    assert (tmp_path / "sub-01_Ki.nii.gz").stat().st_mtime_ns == before
+    assert paths["ki"].stat().st_mtime_ns == before
     assert parametric.cli(_cli(*args, "--tend", 40, "--overwrite")) == 0
-    assert json.loads((tmp_path / "sub-01_Ki.json").read_text())["TEnd"] == 40.0
+    assert json.loads(paths["json"].read_text())["TEnd"] == 40.0
 
 
 @pytest.mark.parametrize(
@@ -213,7 +221,7 @@ def test_cli_errors_are_one_sentence(subject, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("kinetix.parametric: error:") and message in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "o" / "sub-01_Ki.nii.gz").exists()
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.nii.gz"))
 
 
 def test_library_validates_arguments(subject):
@@ -239,10 +247,11 @@ def test_blood_ending_at_35_min_with_the_late_input_fit(subject, tmp_path):
     base = ("--pet", subject.pet, "--tstar", 9, "--blood", cut)
     assert parametric.cli(_cli(*base, "--out", tmp_path / "m")) == 2
     assert parametric.cli(_cli(*base, "--out", tmp_path / "f", "--late_input", "fit")) == 0
-    ki = np.asarray(nib.load(tmp_path / "f" / "sub-01_Ki.nii.gz").dataobj)
+    paths = patlak_study.output_paths(subject.pet, tmp_path / "f")
+    ki = np.asarray(nib.load(paths["ki"]).dataobj)
     full, _, mask = patlak_study.patlak_maps(subject.study, 9.0)
     np.testing.assert_allclose(ki[mask], full[mask], rtol=1e-4)
-    meta = json.loads((tmp_path / "f" / "sub-01_Ki.json").read_text())
+    meta = json.loads(paths["json"].read_text())
     assert meta["InputFunction"]["LateInput"]["method"] == "fit"
 
 

@@ -22,7 +22,7 @@ import kinetix.kinetics as kk
 from kinetix import parametric, simulate
 from kinetix.data import bids
 from kinetix.data.bids import plausibility as pl
-from kinetix.inference import network
+from kinetix.inference import network, patlak
 
 SCHED = kk.PAPER_SCHEDULE
 SHAPE = (8, 8, 2)
@@ -341,7 +341,8 @@ def _parametric(*args):
 def test_parametric_refuses_implausible_input_and_proceeds_with_the_flag(case, tmp_path, capsys):
     out = tmp_path / "maps"
     assert _parametric("--pet", case.pet, "--tstar", 9, "--out", out) == 0
-    meta = json.loads((out / "sub-01_Ki.json").read_text())
+    paths, paths2 = (patlak.output_paths(case.pet, o) for o in (out, tmp_path / "maps2"))
+    meta = json.loads(paths["json"].read_text())
     assert meta["Warnings"] == []
     capsys.readouterr()
 
@@ -355,11 +356,11 @@ def test_parametric_refuses_implausible_input_and_proceeds_with_the_flag(case, t
 
     args = ("--pet", case.pet, "--tstar", 9, "--out", out2, "--nocheck_plausibility")
     assert _parametric(*args) == 0
-    warnings = json.loads((out2 / "sub-01_Ki.json").read_text())["Warnings"]
+    warnings = json.loads(paths2["json"].read_text())["Warnings"]
     assert any("median SUV of the body" in w for w in warnings), warnings
-    assert any("sub-01_Ki.nii.gz: the median Ki of the body" in w for w in warnings), warnings
-    ki = np.asarray(nib.load(out2 / "sub-01_Ki.nii.gz").dataobj)
-    ki_ok = np.asarray(nib.load(out / "sub-01_Ki.nii.gz").dataobj)
+    assert any("sub-01_km-patlak_Ki.nii.gz: the median Ki of the body" in w for w in warnings)
+    ki = np.asarray(nib.load(paths2["ki"]).dataobj)
+    ki_ok = np.asarray(nib.load(paths["ki"]).dataobj)
     np.testing.assert_allclose(ki, 1000.0 * ki_ok, rtol=1e-4, atol=1e-6)
 
 
@@ -420,7 +421,7 @@ def test_corrupt_truth_file_names_it(tmp_path):
     )
     path = bids.truth_paths(tmp_path, "sub-01")["params"]["K1"]
     _truncate(path, lambda b: b[: len(b) // 2])
-    with pytest.raises(bids.BidsError, match=r"The truth file .*K1_map\.nii\.gz is truncated"):
+    with pytest.raises(bids.BidsError, match=r"The truth file .*_K1\.nii\.gz is truncated"):
         bids.read_truth(tmp_path, "sub-01")
 
 

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import _bids_validator
 import _cli
 import jax
 import nibabel as nib
@@ -15,6 +16,7 @@ import kinetix.kinetics as kk
 from configs import smoke
 from kinetix import evaluation, experiment, inference, training
 from kinetix.data import bids
+from kinetix.inference import network
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +98,9 @@ def test_predict_odd_sizes_and_frame_counts(trained, tmp_path, shape, n_frames):
         alone["late"][:, :, 0], result["late"][:, :, 1], rtol=1e-5, atol=1e-6
     )
     paths = inference.write_outputs(result, study, out)
-    ki = nib.load(out / "sub-99_Ki.nii.gz")
+    ki = nib.load(network.output_paths(study.pet_path, out)["ki"])
     np.testing.assert_array_equal(ki.affine, study.affine)
-    assert len(paths) == 10
+    assert len(paths) == 20  # 10 maps, each with its sidecar
     with pytest.raises(FileExistsError):
         inference.write_outputs(result, study, out)
 
@@ -121,7 +123,8 @@ def test_predict_cli_and_bad_inputs(trained, tmp_path, tmp_path_factory):
     ]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=environ)
     assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "out" / "sub-99_desc-predicted_pet.nii.gz").exists()
+    assert network.output_paths(pet, tmp_path / "out")["late"].exists()
+    assert _bids_validator.errors(tmp_path / "out") == []  # a valid BIDS derivative
 
     def fails(args, match, clean=True):
         r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=environ)
@@ -212,10 +215,11 @@ def test_predict_refuses_implausible_damaged_or_taken_outputs_before_writing(
 
     # One output exists already: refused before anything is computed or written.
     taken = tmp_path / "taken"
-    taken.mkdir()
-    (taken / "sub-99_param-k4_map.nii.gz").write_bytes(b"")
-    fails(taken, "sub-99_param-k4_map.nii.gz already exists")
-    assert [p.name for p in taken.iterdir()] == ["sub-99_param-k4_map.nii.gz"]
+    k4 = network.output_paths(pet, taken)["k4"]
+    k4.parent.mkdir(parents=True)
+    k4.write_bytes(b"")
+    fails(taken, "sub-99_km-2tcm_desc-kinetix_k4.nii.gz already exists")
+    assert [p for p in taken.rglob("*") if p.is_file()] == [k4]
 
     sidecar = pet.with_name("sub-99_pet.json")
     meta = json.loads(sidecar.read_text())
@@ -224,9 +228,10 @@ def test_predict_refuses_implausible_damaged_or_taken_outputs_before_writing(
     assert "--nocheck_plausibility" in err and not (tmp_path / "o1").exists()
     out = tmp_path / "o2"
     assert predict.cli([*run, "--out", str(out), "--nocheck_plausibility"]) == 0
-    warnings = json.loads((out / "sub-99_Ki.json").read_text())["Warnings"]
-    assert any("median SUV of the body" in w for w in warnings), warnings
-    assert (out / "sub-99_Ki.nii.gz").exists()
+    ki_path = network.output_paths(pet, out)["ki"]
+    ki_meta = json.loads(bids.derivatives.sidecar_path(ki_path).read_text())
+    assert any("median SUV of the body" in w for w in ki_meta["Warnings"]), ki_meta
+    assert ki_path.exists()
 
     sidecar.write_text(json.dumps(meta))
     data = pet.read_bytes()
@@ -268,14 +273,15 @@ def test_a_35_minute_scan_with_an_image_derived_input_and_no_blood_file(trained,
     for late, args in cases.items():
         out = tmp_path / late
         paths = inference.predict_to_dir(run, pet, out, late_input=late, **args)
-        ki = np.asarray(nib.load(out / "sub-01_Ki.nii.gz").dataobj)
+        ki_path = network.output_paths(pet, out)["ki"]
+        ki = np.asarray(nib.load(ki_path).dataobj)
         assert np.all(np.isfinite(ki)) and np.any(ki != 0)
-        meta = json.loads((out / "sub-01_Ki.json").read_text())
+        meta = json.loads(bids.derivatives.sidecar_path(ki_path).read_text())
         assert meta["InputFunction"]["LateInput"]["method"] == late
         assert late == "fit" or meta["InputFunction"]["InputFunction"] == "image-derived"
     # The IDIF written beside the maps reads back as the scan's blood (to 35 min).
     assert "sub-01_recording-IDIF_blood.tsv" in {p.name for p in paths} or late == "fit"
-    written = tmp_path / "population" / "sub-01_recording-IDIF_blood.tsv"
+    written = tmp_path / "population" / "sub-01" / "pet" / "sub-01_recording-IDIF_blood.tsv"
     study = bids.read_subject(pet, written, check_plausibility=False)
     assert study.plasma_times[-1] == pytest.approx(35.0, abs=1e-3)
     # Eight hot voxels of a 16 x 16 phantom are no vessel: the Feng fit says so.

@@ -55,7 +55,7 @@ def _arrays(root, sid):
     """Every NIfTI data array of one subject (raw and truth), keyed by file name."""
     root = pathlib.Path(root)
     files = sorted((root / sid).rglob("*.nii.gz"))
-    files += sorted((root / "derivatives" / "truth" / sid).glob("*.nii.gz"))
+    files += sorted((root / "derivatives" / "truth" / sid).rglob("*.nii.gz"))
     return {p.name: _data(p) for p in files}
 
 
@@ -93,13 +93,16 @@ def test_cli_writes_the_bids_layout(cli_run):
             f"{sid}/pet/{sid}_recording-manual_blood.tsv",
             f"{sid}/pet/{sid}_recording-manual_blood.json",
             f"derivatives/preview/{sid}_preview.png",
-            f"derivatives/truth/{sid}/{sid}_desc-noisefree_pet.nii.gz",
-            f"derivatives/truth/{sid}/{sid}_desc-noisefreepsf_pet.nii.gz",
-            f"derivatives/truth/{sid}/{sid}_desc-fraction_map.nii.gz",
-            f"derivatives/truth/{sid}/{sid}_Ki.nii.gz",
-            f"derivatives/truth/{sid}/{sid}_dseg.nii.gz",
-            f"derivatives/truth/{sid}/{sid}_simulation.json",
-        ] + [f"derivatives/truth/{sid}/{sid}_param-{n}_map.nii.gz" for n in ("fv", "K1", "k4")]
+            f"derivatives/truth/{sid}/pet/{sid}_desc-noisefree_pet.nii.gz",
+            f"derivatives/truth/{sid}/pet/{sid}_desc-noisefreepsf_pet.nii.gz",
+            f"derivatives/truth/{sid}/pet/{sid}_desc-noisefreepsf_pet.json",
+            f"derivatives/truth/{sid}/pet/{sid}_km-2tcm_fraction.nii.gz",
+            f"derivatives/truth/{sid}/pet/{sid}_km-2tcm_fraction.json",
+            f"derivatives/truth/{sid}/pet/{sid}_km-2tcm_Ki.nii.gz",
+            f"derivatives/truth/{sid}/anat/{sid}_dseg.nii.gz",
+            f"derivatives/truth/{sid}/pet/{sid}_simulation.json",
+        ] + [f"derivatives/truth/{sid}/pet/{sid}_km-2tcm_{n}.nii.gz" for n in ("fv", "K1", "k4")]
+    expected += ["README", ".bidsignore", "derivatives/truth/README"]
     missing = [name for name in expected if not (root / name).is_file()]
     assert not missing
     assert not (root / "sub-03").exists()
@@ -138,12 +141,12 @@ def test_truth_round_trip(lib_root, sims):
         np.testing.assert_allclose(
             truth["noisefree"], sim["noisefree"] * sf, rtol=1e-6, atol=1e-7 * scale
         )
-        base = lib_root / "derivatives" / "truth" / sid
-        psf = _data(base / f"{sid}_desc-noisefreepsf_pet.nii.gz")
+        paths = bids.truth_paths(lib_root, sid)
+        psf = _data(paths["noisefree_psf"])
         np.testing.assert_allclose(psf, sim["noisefree_psf"] * sf, rtol=1e-6, atol=1e-7 * scale)
-        frac = _data(base / f"{sid}_desc-fraction_map.nii.gz")
+        frac = _data(paths["fraction"])
         np.testing.assert_array_equal(frac, sim["fraction"])
-        meta = json.loads((base / f"{sid}_simulation.json").read_text())
+        meta = json.loads(paths["simulation"].read_text())
         assert meta["seed"] == SEED and meta["noise"] == "image"
         assert len(meta["tumours"]) == len(sim["tumours"])
         np.testing.assert_allclose(meta["feng_suv"]["values"], sim["feng"], rtol=1e-15)
@@ -205,7 +208,7 @@ def test_overwrite_refusal_and_replacement(tmp_path, lib_root):
     assert list(bids.read_participants(out)) == ["sub-01"]
     second = _arrays(out, "sub-01")
     assert not np.array_equal(second["sub-01_pet.nii.gz"], first["sub-01_pet.nii.gz"])
-    assert not np.array_equal(second["sub-01_Ki.nii.gz"], first["sub-01_Ki.nii.gz"])
+    assert not np.array_equal(second["sub-01_km-2tcm_Ki.nii.gz"], first["sub-01_km-2tcm_Ki.nii.gz"])
 
 
 def test_refuses_to_overwrite_a_foreign_dataset(tmp_path):
@@ -367,7 +370,7 @@ def test_protocol_frames_writes_a_35_minute_scan_without_blood(tmp_path):
     assert nib.load(pet).shape[3] == 22 and not list(pet.parent.glob("*_blood.*"))
     side = json.loads(pet.with_name("sub-01_pet.json").read_text())
     assert len(side["FrameTimesStart"]) == len(side["FrameDuration"]) == 22
-    assert (tmp_path / "derivatives" / "truth" / "sub-01" / "sub-01_dseg.nii.gz").is_file()
+    assert bids.truth_paths(tmp_path, "sub-01")["labels"].is_file()
     with pytest.raises(bids.BidsError, match="No blood file"):
         bids.read_subject(pet)
     bad = _cli("--out", tmp_path / "x", "--subjects", "1", "--protocol_frames", "40")

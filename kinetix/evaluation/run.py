@@ -361,26 +361,34 @@ def _latest_step(workdir) -> int | None:
     return steps[-1] if steps else None
 
 
-def _load_run(workdir, data, step):
+def _load(workdir, data, step, entities):
+    """`inference.load_for_inference`, given `entities` (the scans' filter) only when set."""
+    if entities is None:
+        return inference.load_for_inference(workdir, data, step)
+    return inference.load_for_inference(workdir, data, step, entities=entities)
+
+
+def _load_run(workdir, data, step, entities=None):
     """(step, load_for_inference(...)) of ``step``, or of the newest intact checkpoint when
     ``step`` is None (a damaged one is reported and skipped)."""
     if step is not None:
-        return step, inference.load_for_inference(workdir, data, step)
+        return step, _load(workdir, data, step, entities)
     steps = inference.checkpoint_steps(workdir)
     if not steps:  # load_for_inference says so in a sentence
-        return None, inference.load_for_inference(workdir, data, None)
+        return None, _load(workdir, data, None, entities)
     for k in reversed(steps):
         try:
-            return k, inference.load_for_inference(workdir, data, k)
+            return k, _load(workdir, data, k, entities)
         except DamagedCheckpoint as err:
             logging.warning("%s; trying the next older checkpoint.", str(err).rstrip("."))
     raise DamagedCheckpoint(f"every checkpoint in {workdir}/checkpoints is damaged.")
 
 
-def _load_ablation(ablation_workdir, data, step):
-    """(predict_fn, step) of the direct ablation run, restored on `data` (a BIDS root)."""
+def _load_ablation(ablation_workdir, data, step, entities=None):
+    """(predict_fn, step) of the direct ablation run, restored on `data` (a BIDS root) with the
+    scans that `entities` choose."""
     abl_step = step if step is not None else _latest_step(ablation_workdir)
-    abl_config, ablation_fn, _, _ = inference.load_for_inference(ablation_workdir, data, abl_step)
+    abl_config, ablation_fn, _, _ = _load(ablation_workdir, data, abl_step, entities)
     if abl_config.model.kind != "direct":
         logging.warning(
             "--ablation_workdir %s holds a %r model, not 'direct'.",
@@ -399,6 +407,7 @@ def evaluate_workdir(
     step=None,
     late_input=None,
     late_sample_min=None,
+    entities=None,
 ) -> dict:
     """What `python -m kinetix.evaluate` does, callable (raises ValueError / OSError).
 
@@ -414,6 +423,8 @@ def evaluate_workdir(
         evaluate a 35-min protocol, `kinetix.evaluation.late`).
       late_sample_min: overrides ``config.eval.late_sample_min`` (a late plasma sample's time;
         0: none).
+      entities: overrides ``config.data.entities``, the BIDS entities that choose each
+        subject's scan (text, e.g. "ses-followup"; "" for none); default: the run's.
 
     Returns:
       `evaluate_run`'s result.
@@ -434,7 +445,7 @@ def evaluate_workdir(
         )
     bids.check_writable_dir(out_dir, "output directory (--out)")  # before any computation
     # The step is resolved with the loading, so the one restored is the one recorded.
-    run_step, (config, predict_fn, cohort, splits) = _load_run(workdir, data, step)
+    run_step, (config, predict_fn, cohort, splits) = _load_run(workdir, data, step, entities)
     subjects = list(cohort.subjects) if data else list(splits.get("test", []))
     with config.unlocked():
         if late_input is not None:
@@ -446,7 +457,9 @@ def evaluate_workdir(
     ablation_fn = abl_step = None
     if ablation_workdir is not None:
         abl_data = data or config.data.root or str(workdir / "data")
-        ablation_fn, abl_step = _load_ablation(ablation_workdir, abl_data, step)
+        ablation_fn, abl_step = _load_ablation(
+            ablation_workdir, abl_data, step, config.data.entities
+        )
     return evaluate_run(
         config,
         workdir,

@@ -5,19 +5,21 @@ plausibility checks), mask the body (`kinetix.maps.volume_mask`, rule "filled" o
 frames, as `kinetix.parametric`), fit the 2TCM to every voxel's frames inside the window
 (`kinetix.maps.volume_fit`: bounded weighted least squares, `kk.fit_2tcm`), and write, on the
 image's grid, one NIfTI map per quantity with a JSON sidecar ("Description", "Units" as a
-string, "Sources"):
+string, "Sources" as BIDS URIs), into the BIDS-Derivatives dataset `--out` (docs/bids.md; `<m>`
+is the model, `2tcm` or `2tcmirreversible`):
 
-    <stem>_param-<fv|K1|k2|k3|k4>_map.nii.gz   fitted rates (fv unitless, K1 mL/min/mL, k 1/min)
-    <stem>_param-<P>_desc-stderr_map.nii.gz    their standard errors (+inf: not identifiable)
-    <stem>_Ki.nii.gz, <stem>_desc-stderr_Ki     Ki = K1·k3/(k2 + k3) (mL/min/mL) and its SE
-    <stem>_param-delay_map(.…stderr)            the fitted input delay (min), with --fit_delay
-    <stem>_desc-wrss_map.nii.gz                 weighted residual sum of squares (SUV²)
-    <stem>_desc-converged_mask.nii.gz           1 where the solver converged
-    <stem>_mask.nii.gz                          the fitted voxels (body mask)
-    <stem>_fit.json                             model, window, weights, bounds, convergence,
-                                                warnings
+    pet/<prefix>_km-<m>_<fv|K1|k2|k3|k4>.nii.gz    fitted rates (fv mL/mL, K1 mL/min/mL, k 1/min)
+    pet/<prefix>_km-<m>_desc-stderr_<P>.nii.gz     their standard errors (+inf: not identifiable)
+    pet/<prefix>_km-<m>_Ki.nii.gz (+ desc-stderr)  Ki = K1·k3/(k2 + k3) (mL/min/mL) and its SE
+    pet/<prefix>_km-<m>_delay.nii.gz (+ stderr)    the fitted input delay (min), --fit_delay
+    pet/<prefix>_km-<m>_wrss.nii.gz                weighted residual sum of squares (SUV²)
+    pet/<prefix>_km-<m>_desc-converged_mask.nii.gz 1 where the solver converged
+    anat/<prefix>_desc-fit_mask.nii.gz             the fitted voxels (body mask)
+    pet/<prefix>_km-<m>_fit.json                   model, window, weights, bounds, convergence,
+                                                   warnings
 
-Every map is 0 outside the mask. `<stem>` is the image name without `_pet.nii.gz`.
+Every map is 0 outside the mask. `<prefix>` is the scan's entities (the image name without
+`_pet.nii.gz`).
 """
 
 import importlib.metadata
@@ -32,13 +34,14 @@ from absl import logging
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids
+from kinetix.data.bids import derivatives as der
 from kinetix.data.bids.write import check_outputs_free
 from kinetix.inference import late
 from kinetix.inference.patlak import DEFAULT_MASK_RULE, DEFAULT_MASK_THRESHOLD, output_stem
 
 _PROG = "kinetix.fit"
 
-UNITS = {"fv": "1", "K1": "mL/min/mL", "k2": "1/min", "k3": "1/min", "k4": "1/min"}
+UNITS = {"fv": "mL/mL", "K1": "mL/min/mL", "k2": "1/min", "k3": "1/min", "k4": "1/min"}
 """Units of the fitted rates (BIDS-style strings)."""
 
 AT_BOUND_WARNING = 0.25
@@ -65,27 +68,34 @@ def parse_window(window) -> tuple[float, float] | None:
     return start, end
 
 
-def output_paths(pet_path, out_dir, fit_delay: bool = False) -> dict[str, pathlib.Path]:
-    """{name: path} of every map `fit_study` writes (sidecars: the same name with .json)."""
-    stem = output_stem(pet_path)
-    out = pathlib.Path(out_dir)
+MASK_DESC = "fit"
+"""`desc-` of the body mask of `kinetix.fit` (`anat/<prefix>_desc-fit_mask`)."""
+
+
+def output_paths(
+    pet_path, out_dir, fit_delay: bool = False, model: str = "2tcm"
+) -> dict[str, pathlib.Path]:
+    """{name: path} of every map `fit_study` writes in the derivative dataset `out_dir`
+    (docs/bids.md): `<prefix>_km-<model>_<param>.nii.gz`, `..._desc-stderr_<param>`,
+    `_km-<model>_Ki`, `_wrss`, `_desc-converged_mask`, `anat/<prefix>_desc-body_mask` and the
+    summary `<prefix>_km-<model>_fit.json`. Each map's sidecar: `sidecar_path(path)`."""
+    prefix = output_stem(pet_path)
+    km = der.label(model)
     names = list(kk.PARAM_NAMES) + (["delay"] if fit_delay else [])
     paths = {}
-    for p in names:
-        paths[p] = out / f"{stem}_param-{p}_map.nii.gz"
-        paths[f"{p}_stderr"] = out / f"{stem}_param-{p}_desc-stderr_map.nii.gz"
-    paths["Ki"] = out / f"{stem}_Ki.nii.gz"
-    paths["Ki_stderr"] = out / f"{stem}_desc-stderr_Ki.nii.gz"
-    paths["wrss"] = out / f"{stem}_desc-wrss_map.nii.gz"
-    paths["converged"] = out / f"{stem}_desc-converged_mask.nii.gz"
-    paths["mask"] = out / f"{stem}_mask.nii.gz"
-    paths["summary"] = out / f"{stem}_fit.json"
+    for p in [*names, "Ki"]:
+        paths[p] = der.map_path(out_dir, prefix, p, model=km)
+        paths[f"{p}_stderr"] = der.map_path(out_dir, prefix, p, model=km, desc="stderr")
+    paths["wrss"] = der.map_path(out_dir, prefix, "wrss", model=km)
+    paths["converged"] = der.map_path(out_dir, prefix, "mask", model=km, desc="converged")
+    paths["mask"] = der.image_path(out_dir, prefix, "mask", desc=MASK_DESC, datatype="anat")
+    paths["summary"] = paths["Ki"].with_name(paths["Ki"].name.replace("_Ki.nii.gz", "_fit.json"))
     return paths
 
 
 def sidecar_path(path: pathlib.Path) -> pathlib.Path:
     """`x.nii.gz` -> `x.json`."""
-    return path.with_name(path.name[: -len(".nii.gz")] + ".json")
+    return der.sidecar_path(path)
 
 
 def fit_maps(
@@ -241,7 +251,7 @@ def fit_study(
         before anything is read.
       check_plausibility: refuse implausible image and blood values (`bids.read_subject`).
       idif_mask, idif_label: take the blood from the image (`kinetix.data.idif`); the IDIF is
-        written beside the maps as `<sub>_recording-IDIF_blood.tsv` (+ .json).
+        written beside the maps as `pet/<prefix>_recording-IDIF_blood.tsv` (+ .json).
 
     Returns:
       `output_paths(pet, out, fit_delay)` (each map's sidecar beside it; with `idif_mask` also
@@ -256,11 +266,12 @@ def fit_study(
     if mask_rule not in maps.MASK_RULES:
         raise ValueError(f"--mask_rule must be one of {maps.MASK_RULES}, got {mask_rule!r}.")
     window = parse_window(window)
-    paths = output_paths(pet, out, fit_delay)
+    paths = output_paths(pet, out, fit_delay, model)
     sidecars = [sidecar_path(p) for p in paths.values() if p.suffix == ".gz"]
     check_outputs_free(
         [*paths.values(), *sidecars, *late.idif_paths(pet, out, idif_mask)], overwrite
     )
+    der.check_output_root(out)
     bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
     study, input_used, idif_result = late.read_study(
@@ -284,7 +295,10 @@ def fit_study(
         progress=progress,
     )
     t1 = time.perf_counter()
-    sources = [str(study.pet_path), str(study.blood_path or idif_mask)]
+    links = der.open_outputs(out, "kinetix.fit", [study.pet_path, study.blood_path])
+    idif_files = late.idif_paths(pet, out, idif_mask)
+    blood_source = study.blood_path or (idif_files[0] if idif_files else None)
+    sources = [der.bids_uri(p, links) for p in (study.pet_path, blood_source) if p]
     for key, data in _map_arrays(result, mask, fit_delay).items():
         description, units = _describe(key)
         bids.write_map(
@@ -296,7 +310,10 @@ def fit_study(
             overwrite=overwrite,
         )
         meta = {"Description": description, "Units": units, "Sources": sources}
-        sidecar_path(paths[key]).write_text(json.dumps(meta, indent=2) + "\n")
+        if key == "mask":
+            meta = {"Description": description, "Type": "ROI", "Sources": sources[:1]}
+            meta["SpatialReference"] = sources[0]
+        der.write_sidecar(paths[key], meta)
     warnings = list(study.warnings) + _warnings(result, mask, model, fit_delay, paths["Ki"].name)
     for w in warnings[len(study.warnings) :]:
         logging.warning("%s: %s", _PROG, w)

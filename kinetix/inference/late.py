@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from kinetix.data import bids, idif, late_input
+from kinetix.data.bids import derivatives as der
 from kinetix.training import population as population_lib
 
 LATE_INPUTS = late_input.LATE_INPUTS
@@ -104,6 +105,7 @@ def read_study(
     t_cut: float = EARLY_END_MIN,
     t_end: float | None = None,
     check_plausibility: bool = True,
+    recording: str | None = None,
 ):
     """One scan with its input function up to `t_end`, as a command needs it.
 
@@ -123,6 +125,8 @@ def read_study(
       t_end: the time the input must reach (min), e.g. 65; None: the scan's end (nothing is
         completed when that is not after `t_cut`).
       check_plausibility: as `kinetix.data.bids.read_subject`.
+      recording: the blood recording next to `pet` to read, e.g. "autosampler"
+        (`kinetix.data.bids.find_blood`); excludes `blood` and `idif_mask`.
 
     Returns:
       (study with the completed curves, provenance: a JSON-able dict for output sidecars,
@@ -137,6 +141,12 @@ def read_study(
         raise ValueError(f"--late_input must be one of {', '.join(LATE_INPUTS)}, got {late!r}.")
     if blood is not None and idif_mask is not None:
         raise ValueError("--blood and --idif_mask exclude each other: pass one input function.")
+    if recording is not None and (blood is not None or idif_mask is not None):
+        other = "--blood" if blood is not None else "--idif_mask"
+        raise ValueError(
+            f"--recording and {other} exclude each other: --recording chooses among the blood "
+            "files next to --pet."
+        )
     if idif_label is not None and idif_mask is None:
         raise ValueError("--idif_label needs --idif_mask (the label image it selects from).")
     if late_sample is not None and late == "measured":
@@ -158,7 +168,11 @@ def read_study(
         source = {"InputFunction": "image-derived", **idif_result.description}
     else:
         study = bids.read_subject(
-            pet, blood, blood_until=until, check_plausibility=check_plausibility
+            pet,
+            blood,
+            blood_until=until,
+            check_plausibility=check_plausibility,
+            recording=recording,
         )
         source = {"InputFunction": "blood file", "BloodFile": str(study.blood_path)}
     if t_end is None:
@@ -195,18 +209,24 @@ def complete_fn(late: str, *, t_cut: float, t_end: float, population=None, sampl
 
 
 def idif_paths(pet, out_dir, idif_mask=True) -> list[pathlib.Path]:
-    """The IDIF blood TSV and JSON that `write_idif_blood` writes for the scan `pet` in
-    `out_dir` ([] without `idif_mask`): known before the scan is read, so a command checks
-    them with its other outputs."""
+    """The IDIF blood TSV and JSON that `write_idif_blood` writes for the scan `pet` in the
+    derivative dataset `out_dir` (`pet/<prefix>_recording-IDIF_blood.tsv`; [] without
+    `idif_mask`): known before the scan is read, so a command checks them with its other
+    outputs."""
     if idif_mask is None:
         return []
-    path = pathlib.Path(out_dir) / idif.idif_blood_path(pet).name
-    return [path, path.with_name(path.name[: -len(".tsv")] + ".json")]
+    path = der.blood_path(out_dir, der.scan_prefix(pet), "IDIF")
+    return [path, der.sidecar_path(path)]
 
 
 def write_idif_blood(idif_result, study, out_dir, overwrite: bool = False) -> list[pathlib.Path]:
-    """Writes the IDIF as `<out_dir>/<sub>_recording-IDIF_blood.tsv` (+ .json); returns paths."""
+    """Writes the IDIF as `idif_paths(study.pet_path, out_dir)` (TSV + JSON); returns them."""
     path = idif_paths(study.pet_path, out_dir)[0]
+    links = der.open_outputs(out_dir, "kinetix (image-derived input)", [study.pet_path])
     return idif.write_blood(
-        path, idif_result, study.suv_factor, sources=[str(study.pet_path)], overwrite=overwrite
+        path,
+        idif_result,
+        study.suv_factor,
+        sources=[der.bids_uri(study.pet_path, links)],
+        overwrite=overwrite,
     )

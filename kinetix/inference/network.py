@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids, pipeline
+from kinetix.data.bids import derivatives as der
 from kinetix.data.bids.write import check_outputs_free
 from kinetix.inference import late
+from kinetix.inference.patlak import MODEL, output_stem
 from kinetix.training import checkpoint, rerun
-from kinetix.training.cohort import build_cohort
+from kinetix.training.cohort import build_cohort, scan_choice
 from kinetix.training.config import load_config, validate_config
 from kinetix.training.devices import make_mesh, shard_batch
 from kinetix.training.state import create_train_state
@@ -103,9 +105,10 @@ def restore_params(config, workdir, step: int | None = None):
     return graphdef, restored["params"]
 
 
-def load_for_inference(workdir, data_root=None, step: int | None = None):
+def load_for_inference(workdir, data_root=None, step: int | None = None, entities=None):
     """(config, predict_fn, cohort, splits) of a trained workdir; `data_root` overrides the data,
-    `step` picks a checkpoint (default: the latest).
+    `step` picks a checkpoint (default: the latest), `entities` (text, e.g. "ses-followup"; ""
+    for none) overrides the run's ``config.data.entities`` that choose each subject's scan.
 
     Raises:
       FileNotFoundError: no config.json or no checkpoint in workdir.
@@ -113,9 +116,12 @@ def load_for_inference(workdir, data_root=None, step: int | None = None):
     """
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
+    if entities is not None:
+        with config.unlocked():
+            config.data.entities = str(entities)
     if data_root:
         cohort = pipeline.Cohort.from_bids(
-            data_root, check_plausibility=config.data.check_plausibility
+            data_root, check_plausibility=config.data.check_plausibility, **scan_choice(config)
         )
     else:
         cohort = build_cohort(config, workdir)
@@ -166,7 +172,8 @@ def predict_study(config, predict_fn, study, trained, batch_slices=8, progress=T
     Returns:
       dict with late [X,Y,Z,T_late] (SUV), params [X,Y,Z,5] or None, ki, ki_pred_only, v0,
       mask [X,Y,Z] — Ki from measured frames with mid-time ≥ t* up to n_early plus predicted ones
-      — and warnings: sentences on implausible inputs (`study.warnings`) and on a Ki map outside
+      —, late_start / late_end [T_late] (min) the predicted frames' times, and warnings:
+      sentences on implausible inputs (`study.warnings`) and on a Ki map outside
       the plausible FDG ranges (`kinetix.data.bids.ki_problems`), also logged as warnings.
     """
     n_early = config.model.n_early
@@ -201,7 +208,8 @@ def predict_study(config, predict_fn, study, trained, batch_slices=8, progress=T
     pred_fit = maps.fit_frames(trained, float(trained.mid[n_early]))
     pred_only, _ = maps.volume_patlak(combined, inp, trained, pred_fit, mask, method)
     # Findings on the inputs accepted with check_plausibility=False, then on Ki itself.
-    problems = bids.ki_problems(ki, mask, f"{study.subject}_Ki.nii.gz")
+    source = study.pet_path or f"{study.subject}_pet.nii.gz"
+    problems = bids.ki_problems(ki, mask, output_paths(source, ".", False)["ki"].name)
     for problem in problems:  # the study's own were logged when it was read
         logging.warning("%s", problem)
     warnings = list(study.warnings) + problems
@@ -214,61 +222,90 @@ def predict_study(config, predict_fn, study, trained, batch_slices=8, progress=T
         "v0": v0,
         "mask": mask,
         "warnings": warnings,
+        "late_start": np.asarray(trained.start[n_early:]),  # [T_late] min
+        "late_end": np.asarray(trained.end[n_early:]),
     }
 
 
-def output_names(subject: str, with_params: bool = True) -> list[str]:
-    """File names `write_outputs` writes for `subject` (maps, then the Ki sidecar JSON)."""
-    names = [
-        f"{subject}_desc-predicted_pet.nii.gz",
-        f"{subject}_Ki.nii.gz",
-        f"{subject}_desc-predonly_Ki.nii.gz",
-        f"{subject}_V0.nii.gz",
-        f"{subject}_mask.nii.gz",
-    ]
+PARAMS = ("fv", "K1", "k2", "k3", "k4")
+MASK_DESC = "kinetix"
+"""`desc-` of the body mask of `kinetix.predict` (`anat/<prefix>_desc-kinetix_mask`)."""
+_UNITS = {"fv": "mL/mL", "K1": "mL/min/mL", "Ki": "mL/min/mL", "V0": "mL/mL"}
+
+
+def output_paths(pet_path, out_dir, with_params: bool = True) -> dict[str, pathlib.Path]:
+    """{key: path} of the maps `write_outputs` writes for the scan `pet_path` in the derivative
+    dataset `out_dir` (docs/bids.md): "late" `pet/<prefix>_desc-predicted_pet.nii.gz`, "ki"
+    `<prefix>_km-patlak_desc-kinetix_Ki`, "ki_pred_only" `..._desc-predonly_Ki`, "v0"
+    `..._km-patlak_desc-kinetix_V0`, "mask" `anat/<prefix>_desc-kinetix_mask` and, with
+    `with_params`, the network's 2TCM maps `<prefix>_km-2tcm_desc-kinetix_<param>`. Each has a
+    JSON sidecar (`derivatives.sidecar_path`)."""
+    prefix = output_stem(pet_path)
+    paths = {
+        "late": der.image_path(out_dir, prefix, "pet", desc="predicted"),
+        "ki": der.map_path(out_dir, prefix, "Ki", model=MODEL, desc="kinetix"),
+        "ki_pred_only": der.map_path(out_dir, prefix, "Ki", model=MODEL, desc="predonly"),
+        "v0": der.map_path(out_dir, prefix, "V0", model=MODEL, desc="kinetix"),
+        "mask": der.image_path(out_dir, prefix, "mask", desc=MASK_DESC, datatype="anat"),
+    }
     if with_params:
-        names += [f"{subject}_param-{n}_map.nii.gz" for n in ("fv", "K1", "k2", "k3", "k4")]
-    return names + [f"{subject}_Ki.json"]
+        for name in PARAMS:
+            paths[name] = der.map_path(out_dir, prefix, name, model="2tcm", desc="kinetix")
+    return paths
+
+
+def _descriptions(trained_late: str) -> dict[str, tuple[str, str]]:
+    return {
+        "late": (f"Frames {trained_late} predicted by kinetix", "g/mL"),
+        "ki": ("Patlak Ki of kinetix.predict: measured frames from t* to the last early frame "
+               "followed by the predicted late frames", _UNITS["Ki"]),
+        "ki_pred_only": ("Patlak Ki on the predicted frames only", _UNITS["Ki"]),
+        "v0": ("Patlak intercept V0 of the kinetix Ki fit", _UNITS["V0"]),
+        "mask": ("Body mask of kinetix.predict (1 inside; Ki and V0 are 0 outside)", ""),
+    } | {n: (f"The network's 2TCM {n}", _UNITS.get(n, "1/min")) for n in PARAMS}  # fmt: skip
 
 
 def write_outputs(result, study, out_dir, overwrite=False, *, sidecar: dict | None = None):
-    """NIfTI maps with the input's affine and header; returns the written paths.
+    """Writes the maps with the input's affine and header, each with a JSON sidecar, into the
+    derivative dataset `out_dir` (`output_paths`); returns the written paths (maps, sidecars).
 
     Every output is checked first: with `overwrite` False, an existing one raises
-    FileExistsError before anything is written. `sidecar` (a JSON-serialisable dict) is written
-    as `<sub>_Ki.json` after the maps, with `result["warnings"]` as its "Warnings".
+    FileExistsError before anything is written. `sidecar` (a JSON-serialisable dict) is merged
+    into the Ki map's sidecar, with `result["warnings"]` as its "Warnings".
     """
     out_dir = pathlib.Path(out_dir)
-    sub = study.subject
-    names = output_names(sub, result["params"] is not None)
-    check_outputs_free(
-        [out_dir / n for n in (names if sidecar is not None else names[:-1])], overwrite
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items = {
-        f"{sub}_desc-predicted_pet.nii.gz": (result["late"], "predicted frames 23-28 (SUV)"),
-        f"{sub}_Ki.nii.gz": (result["ki"], "Patlak Ki, measured 16-22 + predicted 23-28 (1/min)"),
-        f"{sub}_desc-predonly_Ki.nii.gz": (
-            result["ki_pred_only"],
-            "Patlak Ki on predicted frames only",
-        ),
-        f"{sub}_V0.nii.gz": (result["v0"], "Patlak V0 (mL/mL)"),
-        f"{sub}_mask.nii.gz": (result["mask"], "body mask (Ki and V0 are 0 outside)"),
-    }
+    paths = output_paths(study.pet_path, out_dir, result["params"] is not None)
+    sidecars = {k: der.sidecar_path(p) for k, p in paths.items()}
+    check_outputs_free([*paths.values(), *sidecars.values()], overwrite)
+    links = der.open_outputs(out_dir, "kinetix.predict", [study.pet_path, study.blood_path])
+    sources = [der.bids_uri(p, links) for p in (study.pet_path, study.blood_path) if p]
+    arrays = {k: result[k] for k in ("late", "ki", "ki_pred_only", "v0", "mask")}
     if result["params"] is not None:
-        for i, name in enumerate(("fv", "K1", "k2", "k3", "k4")):
-            items[f"{sub}_param-{name}_map.nii.gz"] = (result["params"][..., i], f"2TCM {name}")
-    paths = []
-    for name, (data, desc) in items.items():
-        paths.append(
-            bids.write_map(out_dir / name, data, study, description=desc, overwrite=overwrite)
+        arrays |= {n: result["params"][..., i] for i, n in enumerate(PARAMS)}
+    start, end = result.get("late_start"), result.get("late_end")
+    texts = _descriptions("after the early frames")
+    written = []
+    for key, data in arrays.items():
+        text, units = texts[key]
+        written.append(
+            bids.write_map(paths[key], data, study, description=text[:79], overwrite=overwrite)
         )
-    if sidecar is not None:
-        path = out_dir / names[-1]
-        meta = {**sidecar, "Warnings": list(result.get("warnings", []))}
-        path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        paths.append(path)
-    return paths
+        meta = {"Description": text, "Units": units, "Sources": sources}
+        if key == "mask":
+            meta = {"Description": text, "Type": "ROI", "Sources": sources[:1]}
+            meta["SpatialReference"] = sources[0]
+        elif key == "late":
+            meta["SkullStripped"] = False
+            if start is not None:
+                meta["FrameTimesStart"] = [round(float(t) * 60.0, 6) for t in start]
+                meta["FrameDuration"] = [
+                    round(float(b - a) * 60.0, 6) for a, b in zip(start, end, strict=True)
+                ]
+        elif key == "ki" and sidecar is not None:
+            meta |= {k: v for k, v in sidecar.items() if k != "Sources"}
+            meta["Warnings"] = list(result.get("warnings", []))
+        written.append(der.write_sidecar(paths[key], meta))
+    return written
 
 
 def predict_to_dir(
@@ -303,7 +340,7 @@ def predict_to_dir(
         (`bids.read_subject`); False proceeds and records them as warnings.
       idif_mask, idif_label: take the blood from the image inside this mask / label
         (`kinetix.data.idif`) instead of a blood file; it is written beside the maps as
-        `<sub>_recording-IDIF_blood.tsv` (+ .json).
+        `pet/<prefix>_recording-IDIF_blood.tsv` (+ .json).
       late_input: how Cp after the early frames is obtained (`late.LATE_INPUTS`): "measured"
         needs blood up to the end of the trained schedule, "fit" and "population" only up to
         the end of the early frames (`kinetix.data.late_input`).
@@ -311,9 +348,9 @@ def predict_to_dir(
       population: a population JSON for "population" (default: the run's own).
 
     Returns:
-      The written paths: the maps, then `<sub>_Ki.json` (sources, Patlak settings, the input
-      function and late input used, "Warnings": implausible inputs accepted and a Ki map outside
-      the plausible FDG ranges), then the IDIF blood files.
+      The written paths (`output_paths`: maps and their sidecars; the Ki map's sidecar holds the
+      sources, Patlak settings, the input function and late input used, "Warnings": implausible
+      inputs accepted and a Ki map outside the plausible FDG ranges), then the IDIF blood files.
 
     Raises:
       ValueError, OSError: bad arguments, unreadable or implausible inputs, an output that
@@ -323,8 +360,12 @@ def predict_to_dir(
     if isinstance(batch_slices, bool) or not isinstance(batch_slices, int) or batch_slices < 1:
         raise ValueError(f"--batch_slices must be a positive integer, got {batch_slices!r}.")
     out = bids.check_writable_dir(out, "output directory (--out)")
-    # The maps' names need the study's subject; the IDIF's only the file name.
-    check_outputs_free(late.idif_paths(pet, out, idif_mask), overwrite)
+    der.check_output_root(out)
+    paths = output_paths(pet, out)  # named after the scan's file: known before reading it
+    sidecars = map(der.sidecar_path, paths.values())
+    check_outputs_free(
+        [*paths.values(), *sidecars, *late.idif_paths(pet, out, idif_mask)], overwrite
+    )
     config = load_config(workdir)
     trained = trained_schedule(workdir)
     n_early = int(config.model.n_early)
@@ -340,21 +381,17 @@ def predict_to_dir(
         t_end=float(trained.end[-1]),
         check_plausibility=check_plausibility,
     )
-    check_outputs_free([out / n for n in output_names(study.subject)], overwrite)
     graphdef, params = restore_params(config, workdir, step)
     eval_step = make_eval_step(graphdef, config, trained)
     predict_fn = make_predict_fn(eval_step, params, NamedSharding(make_mesh(), P("data")))
     result = predict_study(config, predict_fn, study, trained, batch_slices, progress)
     sidecar = {
-        "Description": "Patlak Ki of kinetix.predict: measured frames from t* to the last early "
-        "frame followed by the predicted late frames.",
-        "Sources": [str(study.pet_path), str(study.blood_path or idif_mask), str(workdir)],
+        "TrainedRun": pathlib.Path(workdir).resolve().as_uri(),
         "InputFunction": input_used,
         "CheckpointStep": "latest" if step is None else int(step),
         "Method": str(config.eval.method),
         "TStar": float(config.kinetics.t_star),
         "TimeUnits": "min",
-        "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
         "SoftwareName": "kinetix",
     }
     paths = write_outputs(result, study, out, overwrite, sidecar=sidecar)

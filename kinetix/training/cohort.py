@@ -5,7 +5,7 @@ import pathlib
 import jax
 from absl import logging
 
-from kinetix.data import pipeline
+from kinetix.data import bids, pipeline
 from kinetix.data.phantom.cohort import simulate_cohort, simulation_config
 
 
@@ -25,7 +25,22 @@ def build_cohort(config, workdir: pathlib.Path):
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("kinetix: simulated cohort written")
-    return pipeline.Cohort.from_bids(root, check_plausibility=config.data.check_plausibility)
+    return pipeline.Cohort.from_bids(
+        root, check_plausibility=config.data.check_plausibility, **scan_choice(config)
+    )
+
+
+def scan_choice(config) -> dict:
+    """The `Cohort.from_bids` keywords that choose each subject's scan and blood recording:
+    ``config.data.entities`` as filters and ``config.data.recording`` ("" = the default)."""
+    data = config.data
+    recording = str(data.get("recording", "") or "") or None
+    if recording is not None:
+        bids.entities.check_label("recording", recording, "config.data.recording")
+    return {
+        "filters": bids.parse_entities(data.get("entities", ""), "config.data.entities"),
+        "recording": recording,
+    }
 
 
 def split_seed(config) -> int:

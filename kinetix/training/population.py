@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from absl import logging
 
 from kinetix.data import late_input, pipeline
+from kinetix.training.cohort import scan_choice
 from kinetix.training.config import load_config
 
 POPULATION_FILE = "population_input.json"
@@ -70,7 +71,7 @@ def run_population(workdir, cohort=None):
         root = pathlib.Path(config.data.root or workdir / "data")
         if not (root / "participants.tsv").is_file():
             return None
-        cohort = pipeline.Cohort.from_bids(root, check_plausibility=False)
+        cohort = pipeline.Cohort.from_bids(root, check_plausibility=False, **scan_choice(config))
     train = [s for s in json.loads(splits.read_text()).get("train", []) if s in cohort.subjects]
     if not train:
         return None

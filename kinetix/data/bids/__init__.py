@@ -32,17 +32,34 @@ a blood curve too sparse or starting too late) raise `ImplausibleError` (a `Bids
 corrupt NIfTI file into one sentence that names it; `check_writable_dir` checks an output
 directory before any computation.
 
-The implementation is split into `study` (units, `BidsError`, `Study`, NIfTI loading, small
-parsers), `read` (readers), `plausibility` (FDG bounds), `write` (writers) and `truth` (simulator
-ground truth); every public name is re-exported here.
+Real archives add visits, tracers, reconstructions and runs (`sub-XX/ses-YY/pet/
+sub-XX_ses-YY_trc-T_rec-R_run-N_pet.nii.gz`) and several blood recordings
+(`..._recording-manual_blood.tsv`, `..._recording-autosampler_blood.tsv`): `find_subjects(root,
+filters)` chooses scans by entity, `find_blood(pet, recording)` the blood file whose entities
+match the image's (docs/conventions.md, "Entities, scans and blood recordings").
+
+The implementation is split into `entities` (BIDS names: parse, filter, match), `study` (units,
+`BidsError`, `Study`, NIfTI loading, small parsers), `read` (readers), `plausibility` (FDG
+bounds), `write` (writers) and `truth` (simulator ground truth); every public name is re-exported
+here.
 """
 
+from kinetix.data.bids import derivatives
+from kinetix.data.bids.entities import (
+    ENTITY_ORDER,
+    BidsName,
+    format_name,
+    parse_entities,
+    parse_name,
+)
 from kinetix.data.bids.plausibility import ImplausibleError, ki_problems
 from kinetix.data.bids.read import (
     BLOOD_COVER_RTOL,
+    DEFAULT_RECORDING,
     MAX_BODY_WEIGHT_KG,
     MAX_FRAME_START_S,
     MAX_SCAN_S,
+    find_blood,
     find_subjects,
     read_participants,
     read_subject,
@@ -68,21 +85,29 @@ from kinetix.data.bids.write import (
 
 __all__ = [
     "BLOOD_COVER_RTOL",
+    "DEFAULT_RECORDING",
     "DOSE_UNITS",
+    "ENTITY_ORDER",
     "HALF_LIFE_MIN",
     "IMAGE_UNITS",
     "MAX_BODY_WEIGHT_KG",
     "MAX_FRAME_START_S",
     "MAX_SCAN_S",
     "BidsError",
+    "BidsName",
     "ImplausibleError",
     "Study",
     "check_writable_dir",
+    "derivatives",
     "cut_scan",
+    "find_blood",
     "find_subjects",
+    "format_name",
     "ki_problems",
     "load_nifti",
     "open_nifti",
+    "parse_entities",
+    "parse_name",
     "read_participants",
     "read_subject",
     "read_truth",

@@ -25,6 +25,7 @@ import numpy as np
 
 from kinetix.data.bids.study import BidsError
 from kinetix.kinetics.frames import FrameSchedule
+from kinetix.maps.mask import weighted_frames
 
 PROCEED = (
     "; if these values are right (another tracer, a phantom, an animal), pass "
@@ -253,8 +254,7 @@ def late_mean(frames, schedule: FrameSchedule) -> np.ndarray:
     late = schedule.mid >= IMAGE_LATE_FRACTION * float(schedule.end[-1])
     late[-1] = True
     w = np.where(late, schedule.duration, 0.0)
-    w = (w / np.sum(w)).astype(np.float32)
-    return np.asarray(frames, np.float32) @ w
+    return weighted_frames(frames, w / np.sum(w))
 
 
 def image_levels(frames, schedule: FrameSchedule) -> tuple[float, float]:

@@ -5,7 +5,6 @@
 `kinetix.data.bids`.
 """
 
-import glob
 import math
 import pathlib
 from collections.abc import Callable, Mapping
@@ -13,7 +12,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from absl import logging
 
-from kinetix.data.bids import plausibility
+from kinetix.data.bids import entities, plausibility
 from kinetix.data.bids.study import (
     DOSE_UNITS,
     IMAGE_UNITS,
@@ -54,24 +53,98 @@ _TIME_TOL_S = 1e-6  # frame overlap tolerance (s), well inside FrameSchedule's 1
 # ------------------------------------------------------------------------------------------------
 # Dataset-level readers
 # ------------------------------------------------------------------------------------------------
-def find_subjects(root) -> list[pathlib.Path]:
-    """All PET images of a BIDS dataset, sorted.
+def find_subjects(root, filters=None) -> list[pathlib.Path]:
+    """The PET images of a BIDS dataset that pass the entity `filters`, sorted.
 
-    Matches `sub-*/pet/*_pet.nii[.gz]` and `sub-*/ses-*/pet/*_pet.nii[.gz]` under `root`.
+    Matches `sub-*/pet/*_pet.nii[.gz]` and `sub-*/ses-*/pet/*_pet.nii[.gz]` under `root`; every
+    name must be a BIDS name (`entities.parse_name`) whose `sub-` (and `ses-`) agree with its
+    directories.
+
+    Args:
+      root: the dataset root.
+      filters: the scans to keep: None (all), a mapping {entity key: label or list of labels},
+        e.g. {"ses": "baseline", "trc": "18FFDG", "rec": "acdyn", "run": "1"}, or its text form
+        "ses-baseline,trc-18FFDG" (`entities.parse_entities`). An image passes when it has,
+        for every key, one of the allowed labels (run and other indices compare as numbers).
 
     Raises:
-      BidsError: if `root` does not exist or holds no PET images.
+      BidsError: if `root` does not exist or holds no PET images, a name is not a BIDS name,
+        a filter key is not a BIDS entity or a filter matches no image (the sentence lists the
+        entity labels the images have).
     """
     root = pathlib.Path(root)
     if not root.is_dir():
         raise BidsError(f"The BIDS root {root} does not exist or is not a directory.")
+    wanted = entities.as_filters(filters)
     found = set()
     for pattern in ("sub-*/pet/*_pet.nii.gz", "sub-*/ses-*/pet/*_pet.nii.gz"):
         found.update(root.glob(pattern))
         found.update(root.glob(pattern[: -len(".gz")]))
     if not found:
         raise BidsError(f"The BIDS root {root} holds no sub-*/pet/*_pet.nii.gz images.")
-    return sorted(found)
+    names = {path: _pet_name(path) for path in sorted(found)}
+    if not wanted:
+        return list(names)
+    _check_filters(root, wanted, list(names.values()))
+    kept = [path for path, name in names.items() if entities.matches(name.entities, wanted)]
+    if not kept:
+        raise BidsError(
+            f"No PET image under {root} has {entities.describe_filters(wanted)} together; the "
+            f"images there have {_labels_text(names.values())}."
+        )
+    return kept
+
+
+def _pet_name(path: pathlib.Path) -> entities.BidsName:
+    """The parsed name of `sub-XX/[ses-YY/]pet/<name>`, checked against its directories."""
+    name = entities.parse_name(path.name)
+    dirs = {d.split("-", 1)[0]: d.split("-", 1)[1] for d in path.parts[-4:-2] if "-" in d}
+    for key in ("sub", "ses"):
+        if key in dirs and name.entities.get(key) != dirs[key]:
+            raise BidsError(
+                f"{path} has {key}-{name.entities.get(key, '(none)')} in its name but lies in "
+                f"{key}-{dirs[key]}; BIDS names carry their directories' sub- and ses- labels."
+            )
+    return name
+
+
+def _label_order(label: str) -> tuple:
+    """Sort key of labels: numbers first, by value (run-2 before run-10), then text."""
+    return (0, int(label), label) if label.isdigit() else (1, 0, label)
+
+
+def _labels_text(names, keys=None, limit: int = 12) -> str:
+    """The entity labels of `names` as "ses-a, ses-b, trc-X" (`keys`: default all but sub)."""
+    labels: dict[str, set[str]] = {}
+    for name in names:
+        for key, label in name.entities.items():
+            if (keys is None and key != "sub") or (keys is not None and key in keys):
+                labels.setdefault(key, set()).add(label)
+    items = [
+        f"{key}-{label}"
+        for key in entities.ENTITY_ORDER
+        for label in sorted(labels.get(key, ()), key=_label_order)
+    ]
+    if not items:
+        return "no entities besides sub-" if keys is None else "none"
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+def _check_filters(root: pathlib.Path, wanted: Mapping, names: list) -> None:
+    """A BidsError for the first filter key that is not an entity or that matches no image."""
+    for key, allowed in wanted.items():
+        if key not in entities.ENTITY_ORDER:
+            raise BidsError(
+                f"The filter key {key!r} is not a BIDS entity (such as ses, trc, rec, run); the "
+                f"PET images under {root} have {_labels_text(names)}."
+            )
+        if not any(entities.matches(n.entities, {key: allowed}) for n in names):
+            have = _labels_text(names, keys={key})
+            what = f"only {have}" if have != "none" else f"no {key}- entity"
+            raise BidsError(
+                f"No PET image under {root} has {entities.describe_filters({key: allowed})} "
+                f"(filter key {key!r}): they have {what}."
+            )
 
 
 def read_participants(root) -> dict[str, dict]:
@@ -216,24 +289,108 @@ def read_schedule(
         raise BidsError(f"{path} keys 'FrameTimesStart'/'FrameDuration': {err}") from err
 
 
-def _find_blood(pet_path: pathlib.Path) -> pathlib.Path:
-    stem = _nifti_stem(pet_path)
-    prefix = stem[: -len("_pet")] if stem.endswith("_pet") else stem
-    pattern = f"{glob.escape(prefix)}_recording-*_blood.tsv"
-    found = sorted(pet_path.parent.glob(pattern))
-    if len(found) > 1:
-        manual = [p for p in found if "_recording-manual_" in p.name]
-        found = manual if len(manual) == 1 else found
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise BidsError(
-            f"No blood file {pattern} lies next to {pet_path}; pass blood_path explicitly."
-        )
-    raise BidsError(
-        f"Several blood files match {pattern} next to {pet_path} "
-        f"({', '.join(p.name for p in found)}); pass blood_path explicitly."
+DEFAULT_RECORDING = "manual"
+"""The blood recording taken when several match a PET image and none is asked for: BIDS-PET
+says "if the sampling method is unknown, then recording SHOULD be set as manual"."""
+
+
+def _blood_candidates(pet_path: pathlib.Path) -> dict[str, list[tuple[int, pathlib.Path]]]:
+    """{recording label: [(entity count, blood TSV)] next to `pet_path` that belong to it}, the
+    most specific (most entities) first.
+
+    For a BIDS name, a `*_recording-<label>_blood.tsv` belongs to the image when its other
+    entities all have the image's labels (`entities.applies_to`: it may leave out `rec-` and
+    others); for another name, when it is `<name without _pet>_recording-<label>_blood.tsv`.
+    """
+    pet = entities.try_parse_name(pet_path.name)
+    prefix = _nifti_stem(pet_path).removesuffix("_pet") + "_"
+    out: dict[str, list[tuple[int, pathlib.Path]]] = {}
+    for path in sorted(pet_path.parent.glob("*_recording-*_blood.tsv")):
+        if pet is not None:
+            blood = entities.try_parse_name(path.name)
+            if blood is None or not entities.applies_to(blood.entities, pet.entities):
+                continue
+        elif path.name.startswith(prefix):
+            blood = entities.try_parse_name(path.name[len(prefix) :])
+            if blood is None or set(blood.entities) != {"recording"}:
+                continue
+        else:
+            continue
+        if blood.suffix == "blood" and "recording" in blood.entities:
+            out.setdefault(blood.entities["recording"], []).append((len(blood.entities), path))
+    return {rec: sorted(found, key=lambda f: -f[0]) for rec, found in sorted(out.items())}
+
+
+def _blood_pattern(pet_path: pathlib.Path) -> str:
+    """The blood file name that `find_blood` looks for, with `*` for the recording."""
+    pet = entities.try_parse_name(pet_path.name)
+    if pet is None:
+        return _nifti_stem(pet_path).removesuffix("_pet") + "_recording-*_blood.tsv"
+    name = entities.format_entities(pet.entities) + "_recording-*_blood.tsv"
+    return name if set(pet.entities) <= {"sub"} else f"{name} (or one without rec- or run-)"
+
+
+def find_blood(pet_path, recording: str | None = None) -> pathlib.Path:
+    """The blood TSV of a PET image: the `*_recording-<label>_blood.tsv` next to it whose
+    entities match the image's.
+
+    A blood file matches when each of its entities other than `recording-` has the image's
+    label; it may leave some out (`rec-`: blood is not reconstructed), and then serves every
+    image with the others (`entities.applies_to`). Of two files of one recording, the one with
+    more entities is taken. For a name that is not a BIDS name, the blood file is
+    `<name without _pet>_recording-<label>_blood.tsv`.
+
+    Args:
+      pet_path: a `*_pet.nii.gz` (or `.nii`).
+      recording: the recording label to take, e.g. "manual" or "autosampler". None: the only
+        recording, or `DEFAULT_RECORDING` ("manual") when there are several (logged).
+
+    Raises:
+      BidsError: no matching blood file, no file of `recording`, several recordings without
+        `manual` and no `recording`, or two equally specific files of one recording (each
+        sentence lists the recordings found and how to choose).
+    """
+    pet_path = pathlib.Path(pet_path)
+    if recording is not None:
+        entities.check_label("recording", recording, "recording")
+    found = _blood_candidates(pet_path)
+    listed = ", ".join(found) or "none"
+    choose = (
+        "choose one with recording= (--recording on the commands, config.data.recording in "
+        "training) or pass the blood file (blood_path, --blood)"
     )
+    if recording is not None:
+        if recording not in found:
+            raise BidsError(
+                f"No blood file of recording-{recording} matches {pet_path} (recordings "
+                f"found: {listed}); {choose}."
+            )
+        chosen = recording
+    elif not found:
+        raise BidsError(
+            f"No blood file {_blood_pattern(pet_path)} lies next to {pet_path}; pass blood_path "
+            "explicitly (--blood)."
+        )
+    elif len(found) == 1:
+        chosen = next(iter(found))
+    elif DEFAULT_RECORDING in found:
+        chosen = DEFAULT_RECORDING
+        logging.info(
+            "%s has the blood recordings %s: taking %s (recording= or --recording takes another).",
+            pet_path.name, listed, DEFAULT_RECORDING,
+        )  # fmt: skip
+    else:
+        raise BidsError(
+            f"{pet_path} has several blood recordings ({listed}) and none is "
+            f"'{DEFAULT_RECORDING}'; {choose}."
+        )
+    (count, path), *others = found[chosen]
+    if others and others[0][0] == count:
+        raise BidsError(
+            f"{path.name} and {others[0][1].name} both match {pet_path} as recording-{chosen}; "
+            "pass blood_path explicitly (--blood)."
+        )
+    return path
 
 
 def _blood_units(column: str, meta: Mapping, meta_path: pathlib.Path) -> float:
@@ -441,14 +598,16 @@ def read_subject(
     check_plausibility: bool = True,
     blood_until: float | None = None,
     input_from_image: ImageInput | None = None,
+    recording: str | None = None,
 ) -> Study:
     """Reads and validates one BIDS-PET scan, converted to SUV and minutes.
 
     Args:
       pet_path: a `*_pet.nii.gz` (or `.nii`); its sidecar is the same stem with `.json`.
-      blood_path: the blood TSV; default: the `*_recording-*_blood.tsv` next to the image with
-        the same entities (`recording-manual` preferred when several exist). Its optional
-        `.json` gives column units (default Bq/mL; times must be seconds).
+      blood_path: the blood TSV; default: the `*_recording-<label>_blood.tsv` next to the image
+        whose entities match the image's (`find_blood`: `recording`, else the only recording,
+        else `recording-manual`). Its optional `.json` gives column units (default Bq/mL;
+        times must be seconds).
       check_plausibility: refuse image and blood values outside the plausible ranges for FDG
         (`kinetix.data.bids.plausibility`; docs/conventions.md, "Plausibility checks"). False
         logs them as warnings and keeps them in `Study.warnings` instead (another tracer, a
@@ -464,13 +623,15 @@ def read_subject(
         curves get the same checks as a blood file's (they must reach the scan's end or
         `blood_until`), named "The image-derived input of <pet>". `Study.blood_path` is then
         None.
+      recording: the blood recording to read when `blood_path` is None, e.g. "autosampler"
+        (`find_blood`); None: the only one, or "manual" when there are several.
 
     Returns:
       A `Study`: frames [X, Y, Z, T] (SUV), schedule (min), plasma/whole blood (min, SUV).
 
     Raises:
-      ValueError: both `blood_path` and `input_from_image` given, or a `blood_until` that is
-        not a positive number.
+      ValueError: both `blood_path` and `input_from_image` given, `recording` with either of
+        them, or a `blood_until` that is not a positive number.
       BidsError: on a missing file or key, unknown units, inconsistent frame counts, a non-4-D,
         truncated or corrupt image, non-finite voxels, non-decay-corrected images, frame or
         blood times that are not increasing or look like clock times / minutes, blood that ends
@@ -481,6 +642,11 @@ def read_subject(
     if blood_path is not None and input_from_image is not None:
         raise ValueError(
             "read_subject takes the blood from blood_path or from input_from_image, not both."
+        )
+    if recording is not None and (blood_path is not None or input_from_image is not None):
+        raise ValueError(
+            "read_subject's recording chooses among the blood files next to the image, so it "
+            "excludes blood_path and input_from_image."
         )
     blood_until_s = _blood_until_s(blood_until)
     pet_path = pathlib.Path(pet_path)
@@ -517,7 +683,9 @@ def read_subject(
     t_inj = _number(sidecar.get("InjectionStart", 0.0), "InjectionStart", sidecar_path) / 60.0
     problems: list[str] = []
     if input_from_image is None:
-        blood_path = _find_blood(pet_path) if blood_path is None else pathlib.Path(blood_path)
+        if blood_path is None:
+            blood_path = find_blood(pet_path, recording)
+        blood_path = pathlib.Path(blood_path)
         t_s, plasma_bqml, whole_bqml = _read_blood(blood_path, scan_end_min * 60.0, blood_until_s)
         curves = {"plasma_radioactivity": plasma_bqml, "whole_blood_radioactivity": whole_bqml}
         problems += _blood_checks(blood_path, t_s / 60.0, curves, suv_factor, judge_end_min, t_inj)
@@ -527,18 +695,19 @@ def read_subject(
         plasma = plasma_bqml * suv_factor
         whole = None if whole_bqml is None else whole_bqml * suv_factor
 
-    data = nifti_data(img, pet_path, "PET image", np.float32)  # scaling applied
-    n_nan = int(np.count_nonzero(np.isnan(data)))
-    n_inf = int(np.count_nonzero(np.isinf(data)))
-    if n_nan or n_inf:
+    data = nifti_data(img, pet_path, "PET image", np.float32)  # scaling applied, ours to modify
+    # min and max propagate NaN: two passes without temporaries where the image is finite.
+    if data.size and not np.isfinite([data.min(), data.max()]).all():
+        n_nan = int(np.count_nonzero(np.isnan(data)))
+        n_inf = int(np.count_nonzero(np.isinf(data)))
         raise BidsError(
             f"{pet_path} has {n_nan + n_inf} non-finite voxel values ({n_nan} NaN, {n_inf} "
             "infinite); kinetix needs finite images."
         )
-    faults = plausibility.image_faults(data, pet_path)
+    faults = plausibility.image_faults(data, pet_path)  # in the file's units, before scaling
     if faults:
         raise BidsError(faults[0])
-    frames = data * np.float32(image_scale * suv_factor)  # [X, Y, Z, T] SUV
+    frames = np.multiply(data, np.float32(image_scale * suv_factor), out=data)  # [X, Y, Z, T] SUV
     hint = f", see 'Units', 'InjectedRadioactivityUnits' and 'BodyWeight' in {sidecar_path.name}"
     problems += plausibility.image_problems(frames, schedule, pet_path, hint)
     if problems and check_plausibility:

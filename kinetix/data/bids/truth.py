@@ -10,14 +10,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from kinetix.data.bids import derivatives as der
 from kinetix.data.bids.study import BidsError, _read_tsv, load_nifti
 from kinetix.data.bids.write import (
     _check_affine,
     _check_free,
-    _kinetix_version,
     _save_nifti,
     _subject_label,
-    _write_json,
     _write_tsv,
 )
 
@@ -27,25 +26,81 @@ _CANONICAL_PARAMS = ("fv", "K1", "k2", "k3", "k4")
 # ------------------------------------------------------------------------------------------------
 # Ground truth (simulator derivatives)
 # ------------------------------------------------------------------------------------------------
-def truth_paths(root, subject: str, param_names: Sequence[str] = _CANONICAL_PARAMS) -> dict:
-    """File names of the simulator's ground truth under `root/derivatives/truth/sub-XX/`.
+TRUTH_MODEL = "2tcm"
+"""The `km-` label of the simulator's parameter maps (the model that made the data)."""
 
-    Returns a dict: "noisefree" -> `sub-XX_desc-noisefree_pet.nii.gz` (noise-free frames,
-    Bq/mL [X, Y, Z, T]); "params" -> {name: `sub-XX_param-<name>_map.nii.gz`} (fv unitless,
-    K1 mL/min/mL, k2..k4 1/min; tissue-level rates); "ki" -> `sub-XX_Ki.nii.gz` (voxel-level Ki,
-    mL/min/mL); "labels" -> `sub-XX_dseg.nii.gz` (int32 label map); "label_table" ->
-    `sub-XX_dseg.tsv` (columns `index`, `name`).
+UNITS = {"fv": "mL/mL", "K1": "mL/min/mL", "Ki": "mL/min/mL", "fraction": "mL/mL"}
+"""Units of the truth maps (others: 1/min)."""
+
+_NOT_PARAMS = ("Ki", "fraction")
+
+
+def truth_paths(root, subject: str, param_names: Sequence[str] = _CANONICAL_PARAMS) -> dict:
+    """File names of the simulator's ground truth, the derivative dataset `root/derivatives/truth`.
+
+    Returns a dict (docs/bids.md; `kinetix.data.bids.derivatives` names the files):
+    "dir" -> `sub-XX/`; "noisefree" -> `pet/sub-XX_desc-noisefree_pet.nii.gz` (noise-free
+    frames, Bq/mL [X, Y, Z, T]); "noisefree_psf" -> `pet/sub-XX_desc-noisefreepsf_pet.nii.gz`;
+    "params" -> {name: `pet/sub-XX_km-2tcm_<name>.nii.gz`} (fv mL/mL, K1 mL/min/mL, k2..k4
+    1/min; tissue-level rates); "ki" -> `pet/sub-XX_km-2tcm_Ki.nii.gz` (voxel-level Ki,
+    mL/min/mL); "fraction" -> `pet/sub-XX_km-2tcm_fraction.nii.gz` (tissue fraction);
+    "labels" -> `anat/sub-XX_dseg.nii.gz` (int32 label map); "label_table" ->
+    `anat/sub-XX_dseg.tsv` (columns `index`, `name`); "simulation" ->
+    `pet/sub-XX_simulation.json`. A truth in the flat layout of earlier kinetix versions (every
+    file in `sub-XX/`: `sub-XX_param-<name>_map.nii.gz`, `sub-XX_Ki.nii.gz`) is still read.
     """
     sub = _subject_label(subject)
-    base = pathlib.Path(root) / "derivatives" / "truth" / sub
+    flat = pathlib.Path(root) / "derivatives" / "truth" / sub
+    if not (flat / "pet").is_dir() and (flat / f"{sub}_Ki.nii.gz").is_file():
+        return _flat_truth_paths(flat, sub, param_names)
+    return _bids_truth_paths(root, sub, param_names)
+
+
+def _bids_truth_paths(root, sub: str, param_names: Sequence[str]) -> dict:
+    """The truth's file names in its BIDS-Derivatives layout (what `write_truth` writes)."""
+    base = pathlib.Path(root) / "derivatives" / "truth"
+    anat = der.scan_dir(base, sub, "anat")
     return {
-        "dir": base,
-        "noisefree": base / f"{sub}_desc-noisefree_pet.nii.gz",
-        "params": {n: base / f"{sub}_param-{n}_map.nii.gz" for n in param_names},
-        "ki": base / f"{sub}_Ki.nii.gz",
-        "labels": base / f"{sub}_dseg.nii.gz",
-        "label_table": base / f"{sub}_dseg.tsv",
+        "dir": base / sub,
+        "noisefree": der.image_path(base, sub, "pet", desc="noisefree"),
+        "noisefree_psf": der.image_path(base, sub, "pet", desc="noisefreepsf"),
+        "params": {n: der.map_path(base, sub, n, model=TRUTH_MODEL) for n in param_names},
+        "ki": der.map_path(base, sub, "Ki", model=TRUTH_MODEL),
+        "fraction": der.map_path(base, sub, "fraction", model=TRUTH_MODEL),
+        "labels": anat / f"{sub}_dseg.nii.gz",
+        "label_table": anat / f"{sub}_dseg.tsv",
+        "simulation": der.scan_dir(base, sub, "pet") / f"{sub}_simulation.json",
     }
+
+
+def _flat_truth_paths(flat: pathlib.Path, sub: str, param_names: Sequence[str]) -> dict:
+    """The layout of truths written by earlier kinetix versions (read only)."""
+    return {
+        "dir": flat,
+        "noisefree": flat / f"{sub}_desc-noisefree_pet.nii.gz",
+        "noisefree_psf": flat / f"{sub}_desc-noisefreepsf_pet.nii.gz",
+        "params": {n: flat / f"{sub}_param-{n}_map.nii.gz" for n in param_names},
+        "ki": flat / f"{sub}_Ki.nii.gz",
+        "fraction": flat / f"{sub}_desc-fraction_map.nii.gz",
+        "labels": flat / f"{sub}_dseg.nii.gz",
+        "label_table": flat / f"{sub}_dseg.tsv",
+        "simulation": flat / f"{sub}_simulation.json",
+    }
+
+
+def _param_files(paths: dict, sub: str) -> dict[str, pathlib.Path]:
+    """{name: path} of every parameter map in a truth (`paths` from `truth_paths`)."""
+    folder = paths["ki"].parent
+    if paths["ki"].name == f"{sub}_Ki.nii.gz":  # the flat layout
+        pattern = re.compile(rf"{re.escape(sub)}_param-([A-Za-z0-9]+)_map\.nii\.gz")
+    else:
+        pattern = re.compile(rf"{re.escape(sub)}_km-{TRUTH_MODEL}_([A-Za-z0-9]+)\.nii\.gz")
+    found = {}
+    for path in folder.glob(f"{sub}_*.nii.gz"):
+        match = pattern.fullmatch(path.name)
+        if match and match.group(1) not in _NOT_PARAMS:
+            found[match.group(1)] = path
+    return found
 
 
 def _check_param_maps(param_maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -88,27 +143,88 @@ def _check_truth(
     return noisefree, maps, labels
 
 
+TRUTH_README = """kinetix simulator ground truth
+
+The exact quantities behind the simulated scans of the raw dataset two levels up: for every
+subject the noise-free frames (desc-noisefree_pet, and desc-noisefreepsf_pet blurred by the
+scanner's point-spread function; Bq/mL), the tissue-level 2TCM parameter maps
+(km-2tcm_fv, _K1, _k2, _k3, _k4), the voxel-level Ki (km-2tcm_Ki, mL/min/mL), the voxel's tissue
+fraction (km-2tcm_fraction), the label map (anat/..._dseg.nii.gz with its dseg.tsv) and the
+simulation's settings (_simulation.json). BIDS 1.11 has no names yet for voxelwise kinetic
+parameter maps: they use the PET-derivatives proposal's km-<model> entity and are listed in
+.bidsignore. Written by kinetix.simulate.
+"""
+
+
 def _write_truth_description(root) -> None:
-    """Writes `derivatives/truth/dataset_description.json` (a derivative dataset) if missing."""
-    path = pathlib.Path(root) / "derivatives" / "truth" / "dataset_description.json"
-    if path.exists():
+    """Makes `derivatives/truth` a derivative dataset linked to the raw dataset (`root`)."""
+    base = pathlib.Path(root) / "derivatives" / "truth"
+    if (base / "dataset_description.json").exists():
         return
-    _write_json(
-        path,
-        {
-            "Name": "kinetix simulator ground truth",
-            "BIDSVersion": "1.9.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "kinetix", "Version": _kinetix_version()}],
-        },
+    der.init_derivative(
+        base,
+        name="kinetix simulator ground truth",
+        what="python -m kinetix.simulate (ground truth of the simulation)",
+        readme=TRUTH_README,
+        links={der.RAW_LINK: pathlib.Path(root)},
+        authors=("kinetix developers",),
+    )
+
+
+def _truth_sidecars(paths: dict, maps: Mapping[str, np.ndarray], root, subject: str) -> None:
+    """A JSON sidecar for every truth image (Description, Units, Sources as BIDS URIs)."""
+    links = {der.RAW_LINK: pathlib.Path(root)}
+    sub = _subject_label(subject)
+    source = [pathlib.Path(root) / sub / "pet" / f"{sub}_pet.nii.gz"]
+    for name in maps:
+        der.write_sidecar(
+            paths["params"][name],
+            der.map_sidecar(
+                f"True tissue-level 2TCM {name} of the simulation",
+                UNITS.get(name, "1/min"),
+                (),
+                links,
+                Model=TRUTH_MODEL,
+            ),
+        )
+    der.write_sidecar(
+        paths["ki"],
+        der.map_sidecar(
+            "True voxel-level Patlak Ki: (1 - fv) K1 k3 / (k2 + k3) times the voxel's tissue "
+            "fraction",
+            UNITS["Ki"],
+            (),
+            links,
+            Model=TRUTH_MODEL,
+        ),
+    )
+    der.write_sidecar(
+        paths["noisefree"],
+        der.map_sidecar(
+            "Noise-free frames of the simulation (decay-corrected to TimeZero), on the grid "
+            "and frame schedule of the raw scan in Sources",
+            "Bq/mL",
+            source,
+            links,
+            SkullStripped=False,
+        ),
+    )
+    der.write_sidecar(
+        paths["labels"],
+        der.map_sidecar(
+            "Tissue labels of the simulated anatomy (names in the dseg.tsv), on the PET grid",
+            "n/a",
+            source,
+            links,
+            SpatialReference=der.bids_uri(source[0], links),
+        ),
     )
 
 
 def _save_truth_maps(paths: dict, maps: Mapping[str, np.ndarray], ki, affine) -> None:
-    """Saves the parameter maps (fv unitless, K1 mL/min/mL, others 1/min) and the true Ki."""
-    units = {"fv": "unitless", "K1": "mL/min/mL"}
+    """Saves the parameter maps (fv mL/mL, K1 mL/min/mL, others 1/min) and the true Ki."""
     for name, value in maps.items():
-        unit = units.get(name, "1/min")
+        unit = UNITS.get(name, "1/min")
         _save_nifti(
             paths["params"][name],
             value,
@@ -157,9 +273,11 @@ def write_truth(
     label_names: Mapping[int, str],
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Writes the simulator's ground truth to `root/derivatives/truth/sub-XX/` (see `truth_paths`).
+    """Writes the simulator's ground truth to `root/derivatives/truth` (see `truth_paths`).
 
-    Also writes `derivatives/truth/dataset_description.json` (a derivative dataset) if missing.
+    Also makes `derivatives/truth` a BIDS-Derivatives dataset (dataset_description.json linked
+    to the raw dataset `root`, README, .bidsignore) if it is not one yet, and writes a JSON
+    sidecar for every image.
 
     Args:
       root: BIDS root directory.
@@ -177,7 +295,7 @@ def write_truth(
     """
     noisefree, maps, labels = _check_truth(noisefree_bqml, param_maps, ki, labels, label_names)
     affine = _check_affine(affine)
-    paths = truth_paths(root, subject, list(maps))
+    paths = _bids_truth_paths(root, _subject_label(subject), list(maps))
     _check_free(
         [paths["noisefree"], *paths["params"].values(), paths["ki"], paths["labels"]]
         + [paths["label_table"]],
@@ -187,11 +305,12 @@ def write_truth(
     _save_nifti(paths["noisefree"], noisefree, affine, np.float32, "noise-free PET Bq/mL")
     _save_truth_maps(paths, maps, ki, affine)
     _save_labels(paths, labels, label_names, affine)
+    _truth_sidecars(paths, maps, root, subject)
     return paths["dir"]
 
 
 def read_truth(root, subject: str) -> dict:
-    """Reads what `write_truth` wrote.
+    """Reads what `write_truth` wrote (either layout of `truth_paths`).
 
     Returns:
       {"noisefree": [X, Y, Z, T] float32 Bq/mL, "params": {name: [X, Y, Z] float32} (fv, K1,
@@ -205,8 +324,7 @@ def read_truth(root, subject: str) -> dict:
     base, sub = paths["dir"], paths["dir"].name
     if not base.is_dir():
         raise BidsError(f"The truth directory {base} does not exist.")
-    prefix, suffix = f"{sub}_param-", "_map.nii.gz"
-    found = {p.name[len(prefix) : -len(suffix)]: p for p in base.glob(f"{prefix}*{suffix}")}
+    found = _param_files(paths, sub)
     order = [n for n in _CANONICAL_PARAMS if n in found] + sorted(
         n for n in found if n not in _CANONICAL_PARAMS
     )

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from kinetix.data.bids.derivatives import BIDS_VERSION, generated_by
 from kinetix.data.bids.study import Study, _is_number, load_nifti
 from kinetix.kinetics.frames import FrameSchedule
 
@@ -249,6 +250,9 @@ def pet_sidecar(
         "Units": "Bq/mL",
         "TracerName": "FDG",
         "TracerRadionuclide": "F18",
+        "TracerMolecularWeight": 181.15,  # [18F]FDG, C6H11(18F)O5
+        "TracerMolecularWeightUnits": "g/mol",
+        "BodyPart": "CHEST",
         "ModeOfAdministration": "bolus",
         "InjectedRadioactivity": float(injected_mbq),
         "InjectedRadioactivityUnits": "MBq",
@@ -406,18 +410,33 @@ def write_participants(
 
 
 def write_dataset_description(
-    root, name: str = "kinetix simulated FDG cohort", overwrite: bool = False
+    root,
+    name: str = "kinetix simulated FDG cohort",
+    overwrite: bool = False,
+    *,
+    authors: Sequence[str] = ("kinetix developers",),
+    license: str = "CC0-1.0",
 ) -> pathlib.Path:
-    """Writes `dataset_description.json` of a raw BIDS dataset; returns its path."""
+    """Writes `dataset_description.json` of a raw BIDS dataset; returns its path.
+
+    Args:
+      root: the dataset root.
+      name: `Name`.
+      overwrite: replace an existing file.
+      authors: `Authors` (who made the data).
+      license: `License`, an SPDX identifier (the simulated data are free of rights: CC0).
+    """
     path = pathlib.Path(root) / "dataset_description.json"
     _check_free([path], overwrite)
     _write_json(
         path,
         {
             "Name": name,
-            "BIDSVersion": "1.9.0",
+            "BIDSVersion": BIDS_VERSION,
             "DatasetType": "raw",
-            "GeneratedBy": [{"Name": "kinetix", "Version": _kinetix_version()}],
+            "License": license,
+            "Authors": list(authors),
+            "GeneratedBy": generated_by("python -m kinetix.simulate"),
         },
     )
     return path

@@ -3,18 +3,19 @@
 `simulate_cohort` runs `kinetix.data.phantom.simulate_subject` for subjects 0..N−1 and writes
 (SUV × the subject's `suv_factor` = Bq/mL in every file)::
 
-    DIR/dataset_description.json, participants.tsv (+ .json: weight kg, dose MBq)
+    DIR/dataset_description.json, README, .bidsignore, participants.tsv (+ .json: weight kg,
+        dose MBq)
     DIR/sub-XX/pet/sub-XX_pet.nii.gz (+ .json)            noisy frames [X, Y, Z, T], Bq/mL
     DIR/sub-XX/pet/sub-XX_recording-manual_blood.tsv      plasma and whole blood (s, Bq/mL)
-    DIR/derivatives/truth/sub-XX/                         `bids.write_truth`, plus:
-        sub-XX_desc-noisefree_pet.nii.gz        true voxel activity, NO PSF: Patlak on these
-                                                curves gives the true Ki (`bids.read_truth`)
-        sub-XX_desc-noisefreepsf_pet.nii.gz     the same blurred by the scanner PSF: the
-                                                expectation of the noisy frames
-        sub-XX_desc-fraction_map.nii.gz         tissue fraction per voxel (lung ≈ 0.2–0.3)
-        sub-XX_param-{fv,K1,k2,k3,k4}_map.nii.gz, sub-XX_Ki.nii.gz, sub-XX_dseg.nii.gz/.tsv
-        sub-XX_simulation.json                  seed, noise model, Feng input (SUV), dose,
-                                                tumours (centre, radius, parameters, Ki), config
+    DIR/derivatives/truth/                                a BIDS derivative, `bids.write_truth`:
+        sub-XX/pet/sub-XX_desc-noisefree_pet.nii.gz       true voxel activity, NO PSF: Patlak on
+                                                          these curves gives the true Ki
+        sub-XX/pet/sub-XX_desc-noisefreepsf_pet.nii.gz    the same blurred by the scanner PSF:
+                                                          the expectation of the noisy frames
+        sub-XX/pet/sub-XX_km-2tcm_fraction.nii.gz         tissue fraction per voxel (lung ≈ 0.2)
+        sub-XX/pet/sub-XX_km-2tcm_{fv,K1,k2,k3,k4,Ki}.nii.gz, sub-XX/anat/sub-XX_dseg.nii.gz/.tsv
+        sub-XX/pet/sub-XX_simulation.json                 seed, noise model, Feng input (SUV),
+                                                          dose, tumours, config
     DIR/derivatives/preview/sub-XX_preview.png            a one-page visual check per subject
 
 Everything is deterministic for a seed: the same (seed, config) gives identical NIfTI data
@@ -37,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kinetix.data import bids
+from kinetix.data.bids import derivatives
 from kinetix.data.phantom.anatomy import LABELS
 from kinetix.data.phantom.config import SimulationConfig
 from kinetix.data.phantom.subject import simulate_subject
@@ -144,7 +146,9 @@ def _prepare_out_dir(root: pathlib.Path, overwrite: bool) -> None:
     for sub in ("truth", "preview"):
         if (root / "derivatives" / sub).is_dir():
             shutil.rmtree(root / "derivatives" / sub)
-    for name in ("participants.tsv", "participants.json", "dataset_description.json"):
+    for name in ("participants.tsv", "participants.json", "dataset_description.json", "README"):
+        (root / name).unlink(missing_ok=True)
+    for name in (".bidsignore",):
         (root / name).unlink(missing_ok=True)
 
 
@@ -206,26 +210,28 @@ def _write_subject(root: pathlib.Path, sid: str, subj: dict, seed: int, cfg, ove
         extra_sidecar=_recon_sidecar(cfg), overwrite=overwrite,
     )  # fmt: skip
     params = {name: subj["params"][..., i] for i, name in enumerate(("fv", "K1", "k2", "k3", "k4"))}
-    truth_dir = bids.write_truth(
+    bids.write_truth(
         root, sid, to_bq(subj["noisefree"]), params, subj["ki_true"], subj["labels"], affine,
         {v: k for k, v in LABELS.items()}, overwrite=overwrite,
     )  # fmt: skip
-    like = nib.load(bids.truth_paths(root, sid, ())["noisefree"])
+    paths = bids.truth_paths(root, sid, ())
+    like = nib.load(paths["noisefree"])
     bids.write_map(
-        truth_dir / f"{sid}_desc-noisefreepsf_pet.nii.gz",
+        paths["noisefree_psf"],
         to_bq(subj["noisefree_psf"]),
         like,
         description="noise-free PET blurred by the PSF, Bq/mL",
         overwrite=overwrite,
     )
     bids.write_map(
-        truth_dir / f"{sid}_desc-fraction_map.nii.gz",
+        paths["fraction"],
         subj["fraction"],
         like,
         description="tissue fraction of the voxel (unitless)",
         intent_name="fraction",
         overwrite=overwrite,
     )
+    _truth_extra_sidecars(root, sid, paths)
     meta = {
         "seed": seed,
         "subject_index": subj["subject_index"],
@@ -243,12 +249,57 @@ def _write_subject(root: pathlib.Path, sid: str, subj: dict, seed: int, cfg, ove
             "desc-noisefree_pet": "true voxel activity without PSF (Bq/mL); Patlak on it gives Ki",
             "desc-noisefreepsf_pet": "noise-free activity blurred by the PSF (Bq/mL): the "
             "expectation of the noisy frames",
-            "desc-fraction_map": "tissue fraction of each voxel",
-            "Ki": "(1 - fv) * K1 * k3 / (k2 + k3) * fraction (mL/min/mL)",
+            "km-2tcm_fraction": "tissue fraction of each voxel",
+            "km-2tcm_Ki": "(1 - fv) * K1 * k3 / (k2 + k3) * fraction (mL/min/mL)",
         },
         "config": config_dict(cfg),
     }
-    (truth_dir / f"{sid}_simulation.json").write_text(json.dumps(_jsonable(meta), indent=2) + "\n")
+    paths["simulation"].write_text(json.dumps(_jsonable(meta), indent=2) + "\n")
+
+
+def _truth_extra_sidecars(root: pathlib.Path, sid: str, paths: dict) -> None:
+    """Sidecars of the truth images the simulator adds to `bids.write_truth`'s."""
+    links = {"raw": root}
+    source = [root / sid / "pet" / f"{sid}_pet.nii.gz"]
+    derivatives.write_sidecar(
+        paths["noisefree_psf"],
+        derivatives.map_sidecar(
+            "Noise-free frames blurred by the scanner's PSF: the expectation of the noisy "
+            "frames in Sources",
+            "Bq/mL",
+            source,
+            links,
+            SkullStripped=False,
+        ),
+    )
+    derivatives.write_sidecar(
+        paths["fraction"],
+        derivatives.map_sidecar(
+            "Tissue fraction of the voxel (lung is mostly air)", "mL/mL", (), links
+        ),
+    )
+
+
+README = """{name}
+
+Dynamic [18F]FDG PET of {n} simulated thorax subjects (seed {seed}; {size}x{size} voxels,
+{slices} slices, {noise} noise), written by kinetix.simulate: 4-D images in Bq/mL
+decay-corrected to TimeZero (the injection) with their sidecars, and arterial plasma and
+whole-blood curves (recording-manual). The exact quantities behind each scan (noise-free frames,
+2TCM parameter maps, the voxel-level Ki, tissue labels) are the derivative dataset
+derivatives/truth; derivatives/preview holds a one-page picture per subject.
+
+The subjects are not people: the anatomy, kinetics, blood curves and scanner are simulated
+(kinetix's docs/conventions.md describes how).
+"""
+
+
+def _write_readme(root: pathlib.Path, cfg, n_subjects: int, seed: int) -> None:
+    text = README.format(
+        name=DATASET_NAME, n=n_subjects, seed=seed, size=cfg.size, slices=cfg.slices,
+        noise=cfg.noise,
+    )  # fmt: skip
+    (root / "README").write_text(text)
 
 
 def _write_participants(root: pathlib.Path, rows: list[dict], overwrite: bool) -> None:
@@ -314,6 +365,8 @@ def simulate_cohort(
     _prepare_out_dir(root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     bids.write_dataset_description(root, name=DATASET_NAME, overwrite=overwrite)
+    _write_readme(root, cfg, int(n_subjects), int(seed))
+    derivatives.write_bidsignore(root)  # the truth's km- maps, for a recursive validation
 
     ids = subject_ids(int(n_subjects))
     rows = []

@@ -45,6 +45,7 @@ class _Entry:
     shape: tuple[int, int, int]  # (X, Y, Z)
     schedule: FrameSchedule
     path: pathlib.Path | None  # PET image, or None for in-memory studies
+    blood: pathlib.Path | None = None  # its blood TSV (`bids.find_blood`), for BIDS cohorts
 
 
 def _bids_entry(pet_path: pathlib.Path) -> _Entry:
@@ -88,8 +89,35 @@ def _same_schedule(a: FrameSchedule, b: FrameSchedule) -> bool:
 
 
 def _subject_name(pet_path: pathlib.Path) -> str:
-    name = pet_path.name.split("_")[0]
-    return name if name.startswith("sub-") else pet_path.name.split(".")[0]
+    """The subject ("sub-XX") of a PET image's BIDS name (`bids.find_subjects` parsed it)."""
+    return f"sub-{bids.parse_name(pet_path.name).entities['sub']}"
+
+
+def _several_scans(subject: str, paths: Sequence[pathlib.Path], root) -> str:
+    """The sentence refusing a subject with several PET images: what tells them apart and the
+    config key that chooses one."""
+    names = [bids.parse_name(p.name) for p in paths]
+    keys = [k for k in bids.ENTITY_ORDER if len({n.entities.get(k) for n in names}) > 1]
+    if not keys:  # the same name twice: .nii and .nii.gz
+        return (
+            f"Subject {subject} has more than one PET image under {root} "
+            f"({' and '.join(p.name for p in paths)}); a kinetix cohort takes one scan per "
+            "subject, so remove all but one."
+        )
+
+    def tell(name):
+        return "_".join(f"{k}-{name.entities[k]}" for k in keys if k in name.entities) or (
+            "no " + "/".join(f"{k}-" for k in keys)
+        )
+
+    example = next((n for n in names if all(k in n.entities for k in keys)), names[0])
+    choice = ",".join(f"{k}-{example.entities[k]}" for k in keys if k in example.entities)
+    return (
+        f"Subject {subject} has {len(paths)} PET images under {root} ("
+        f"{', '.join(map(tell, names[:-1]))} and {tell(names[-1])}); a kinetix cohort takes one "
+        f"scan per subject: choose with config.data.entities (as in --config.data.entities="
+        f"{choice}), or filters= of Cohort.from_bids."
+    )
 
 
 class Cohort:
@@ -176,11 +204,16 @@ class Cohort:
         cache_size: int | None = None,
         validate: bool = False,
         check_plausibility: bool = True,
+        filters=None,
+        recording: str | None = None,
     ) -> "Cohort":
         """A lazy cohort over a BIDS-PET dataset (one PET image per subject).
 
-        Reads only NIfTI headers and sidecars here; voxels, blood curves and the remaining
-        validation come from `bids.read_subject` when a subject is first used.
+        Reads only NIfTI headers, sidecars and blood file names here; voxels, blood curves and
+        the remaining validation come from `bids.read_subject` when a subject is first used.
+        Subjects keep their `sub-XX` names whatever their session, tracer, reconstruction or
+        run; a subject with several scans after `filters` is refused (cohorts of several scans
+        per subject, split by participant, are not supported).
 
         Args:
           root: the dataset root (`bids.find_subjects` layout).
@@ -190,20 +223,28 @@ class Cohort:
             slow: decodes every image), so bad files fail before training starts.
           check_plausibility: refuse implausible images and blood curves when a subject is
             read (`bids.read_subject`; docs/conventions.md, "Plausibility checks").
+          filters: the scans to take, by BIDS entity (`bids.find_subjects`): a mapping such as
+            {"ses": "baseline", "trc": "18FFDG"} or its text "ses-baseline,trc-18FFDG"
+            (``config.data.entities``); None or "": every scan.
+          recording: the blood recording of every subject, e.g. "autosampler"
+            (`bids.find_blood`); None: each subject's only one, or "manual" among several.
 
         Raises:
-          ValueError: (`BidsError`) on an empty root, unreadable headers or sidecars, a subject
-            with several PET images, or subjects that disagree on schedule or slice size.
+          ValueError: (`BidsError`) on an empty root, unreadable headers or sidecars, a filter
+            that matches nothing, a subject with several PET images (naming what tells them
+            apart), a missing or ambiguous blood recording, or subjects that disagree on
+            schedule or slice size.
         """
+        scans: dict[str, list[pathlib.Path]] = {}
+        for path in bids.find_subjects(root, filters):
+            scans.setdefault(_subject_name(path), []).append(path)
+        for subject, paths in scans.items():
+            if len(paths) > 1:
+                raise bids.BidsError(_several_scans(subject, paths, root))
         entries: dict[str, _Entry] = {}
-        for path in bids.find_subjects(root):
-            subject = _subject_name(path)
-            if subject in entries:
-                raise ValueError(
-                    f"Subject {subject} has more than one PET image ({entries[subject].path} "
-                    f"and {path}); a kinetix cohort takes one scan per subject."
-                )
-            entries[subject] = _bids_entry(path)
+        for subject, (path,) in scans.items():
+            blood = bids.find_blood(path, recording)
+            entries[subject] = dataclasses.replace(_bids_entry(path), blood=blood)
         if cache_size is None:
             sizes = [4 * math.prod(e.shape) * e.schedule.n_frames for e in entries.values()]
             largest = max(sizes, default=1)  # no subjects: the Cohort raises its own error
@@ -268,7 +309,9 @@ class Cohort:
                     self._cache.move_to_end(subject)
                     return self._cache[subject]
             entry = self._entries[subject]
-            st = bids.read_subject(entry.path, check_plausibility=self._check_plausibility)
+            st = bids.read_subject(
+                entry.path, blood_path=entry.blood, check_plausibility=self._check_plausibility
+            )
             if (
                 not _same_schedule(st.schedule, entry.schedule)
                 or tuple(st.frames.shape[:3]) != entry.shape
