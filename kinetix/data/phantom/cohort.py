@@ -146,9 +146,8 @@ def _prepare_out_dir(root: pathlib.Path, overwrite: bool) -> None:
     for sub in ("truth", "preview"):
         if (root / "derivatives" / sub).is_dir():
             shutil.rmtree(root / "derivatives" / sub)
-    for name in ("participants.tsv", "participants.json", "dataset_description.json", "README"):
-        (root / name).unlink(missing_ok=True)
-    for name in (".bidsignore",):
+    ours = ("participants.tsv", "participants.json", "dataset_description.json", "README")
+    for name in (*ours, ".bidsignore"):
         (root / name).unlink(missing_ok=True)
 
 
