@@ -91,25 +91,6 @@ def define_input_flags(fv: flags.FlagValues, late: bool = True) -> None:
     )
 
 
-def blood_flag(fv: flags.FlagValues, find_blood: Callable) -> str | pathlib.Path | None:
-    """The blood file a command reads: ``--blood``, or with ``--recording`` that recording's
-    file next to ``--pet``, found by ``find_blood(pet, recording)``
-    (`kinetix.data.bids.find_blood`); None: the reader's own choice.
-
-    Raises:
-      ValueError: ``--recording`` with ``--blood`` or ``--idif_mask``.
-    """
-    if fv.recording is None:
-        return fv.blood
-    for other in ("blood", "idif_mask"):
-        if fv[other].value is not None:
-            raise ValueError(
-                f"--recording and --{other} exclude each other: --recording chooses among the "
-                "blood files next to --pet."
-            )
-    return find_blood(fv.pet, fv.recording)
-
-
 def _config_file(argv: Sequence[str]) -> str | None:
     """The value of ``--config`` in argv (``--config X`` or ``--config=X``), if any."""
     for i, arg in enumerate(argv):

@@ -13,7 +13,6 @@ from absl import flags
 import kinetix.kinetics as kk
 from kinetix import cli as cli_lib
 from kinetix import maps
-from kinetix.data import bids
 from kinetix.inference import fit
 
 PROG = "kinetix.fit"
@@ -62,7 +61,8 @@ def main(fv: flags.FlagValues) -> None:
     paths = fit.fit_study(
         fv.pet,
         fv.out,
-        blood=cli_lib.blood_flag(fv, bids.find_blood),
+        blood=fv.blood,
+        recording=fv.recording,
         window=fv.window,
         model=fv.model,
         fit_delay=fv.fit_delay,

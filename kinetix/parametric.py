@@ -14,7 +14,6 @@ from absl import flags
 import kinetix.kinetics as kk
 from kinetix import cli as cli_lib
 from kinetix import maps
-from kinetix.data import bids
 from kinetix.inference import patlak
 
 PROG = "kinetix.parametric"
@@ -69,7 +68,7 @@ def main(fv: flags.FlagValues) -> None:
         fv.tstar,
         fv.tend,
         fv.method,
-        blood=cli_lib.blood_flag(fv, bids.find_blood),
+        blood=fv.blood,
         overwrite=fv.overwrite,
         chunk_voxels=fv.chunk_voxels,
         mask_threshold=fv.mask_threshold,
@@ -81,6 +80,7 @@ def main(fv: flags.FlagValues) -> None:
         late_input=fv.late_input,
         late_sample=fv.late_sample,
         population=fv.population,
+        recording=fv.recording,
     )
 
 

@@ -12,7 +12,6 @@ from absl import flags
 
 from kinetix import cli as cli_lib
 from kinetix import inference
-from kinetix.data import bids
 
 PROG = "kinetix.predict"
 USAGE = "--workdir W --pet X_pet.nii.gz [--blood B] --out DIR [flags]"
@@ -44,7 +43,7 @@ def main(fv: flags.FlagValues) -> None:
         fv.workdir,
         fv.pet,
         fv.out,
-        cli_lib.blood_flag(fv, bids.find_blood),
+        fv.blood,
         step=fv.step,
         batch_slices=fv.batch_slices,
         overwrite=fv.overwrite,
@@ -54,6 +53,7 @@ def main(fv: flags.FlagValues) -> None:
         late_input=fv.late_input,
         late_sample=fv.late_sample,
         population=fv.population,
+        recording=fv.recording,
     )
     print(f"Wrote {len(paths)} files (maps and their JSON sidecars) to {fv.out}")
 

@@ -238,6 +238,7 @@ def fit_study(
     check_plausibility: bool = True,
     idif_mask=None,
     idif_label=None,
+    recording: str | None = None,
 ) -> dict[str, pathlib.Path]:
     """Reads a BIDS-PET scan, fits the 2TCM to every body voxel and writes the maps.
 
@@ -252,6 +253,9 @@ def fit_study(
       check_plausibility: refuse implausible image and blood values (`bids.read_subject`).
       idif_mask, idif_label: take the blood from the image (`kinetix.data.idif`); the IDIF is
         written beside the maps as `pet/<prefix>_recording-IDIF_blood.tsv` (+ .json).
+      recording: the blood recording next to `pet` to read (e.g. "autosampler"; default: the
+        only one, or "manual" among several; `bids.find_blood`); excludes `blood` and
+        `idif_mask`.
 
     Returns:
       `output_paths(pet, out, fit_delay)` (each map's sidecar beside it; with `idif_mask` also
@@ -280,6 +284,7 @@ def fit_study(
         idif_mask=idif_mask,
         idif_label=idif_label,
         check_plausibility=check_plausibility,
+        recording=recording,
     )
     result, mask, fit = fit_maps(
         study,

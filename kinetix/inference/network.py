@@ -324,6 +324,7 @@ def predict_to_dir(
     late_input="measured",
     late_sample=None,
     population=None,
+    recording=None,
 ) -> list[pathlib.Path]:
     """What `python -m kinetix.predict` does: restore a run, predict one study, write its maps.
 
@@ -341,6 +342,9 @@ def predict_to_dir(
       idif_mask, idif_label: take the blood from the image inside this mask / label
         (`kinetix.data.idif`) instead of a blood file; it is written beside the maps as
         `pet/<prefix>_recording-IDIF_blood.tsv` (+ .json).
+      recording: the blood recording next to `pet` to read (e.g. "autosampler"; default: the
+        only one, or "manual" among several; `bids.find_blood`); excludes `blood` and
+        `idif_mask`.
       late_input: how Cp after the early frames is obtained (`late.LATE_INPUTS`): "measured"
         needs blood up to the end of the trained schedule, "fit" and "population" only up to
         the end of the early frames (`kinetix.data.late_input`).
@@ -380,6 +384,7 @@ def predict_to_dir(
         t_cut=float(trained.end[n_early - 1]),
         t_end=float(trained.end[-1]),
         check_plausibility=check_plausibility,
+        recording=recording,
     )
     graphdef, params = restore_params(config, workdir, step)
     eval_step = make_eval_step(graphdef, config, trained)

@@ -313,6 +313,7 @@ def patlak_study(
     late_input: str = "measured",
     late_sample=None,
     population=None,
+    recording: str | None = None,
 ) -> dict[str, pathlib.Path]:
     """Reads a BIDS-PET scan, computes `patlak_maps` and writes the maps and sidecar.
 
@@ -329,6 +330,9 @@ def patlak_study(
         written beside the maps as `pet/<prefix>_recording-IDIF_blood.tsv` (+ .json).
       late_input, late_sample, population: how Cp after 35 min is obtained when the blood
         ends there and the scan does not (`kinetix.inference.late.read_study`).
+      recording: the blood recording next to `pet` to read (e.g. "autosampler"; default: the
+        only one, or "manual" among several; `bids.find_blood`); excludes `blood` and
+        `idif_mask`.
 
     Returns:
       `output_paths(pet, out)`; the sidecar is `patlak_sidecar`, whose "Warnings" also lists a
@@ -359,6 +363,7 @@ def patlak_study(
             late_sample=late_sample,
             population=population,
             check_plausibility=check_plausibility,
+            recording=recording,
         )
         fit = maps.fit_frames(study.schedule, t_star, t_end)  # the window, before mask and fit
         t1 = time.perf_counter()
