@@ -94,7 +94,7 @@ def test_fit_command_writes_every_map_with_a_sidecar_and_recovers_ki(subject, tm
     assert summary["Window"] == [0.0, 35.0] and summary["FramesUsed"] == list(range(22))
     assert summary["Model"] == "2tcm" and summary["Voxels"] > 0
     for name in ("K1", "k4", "fv"):
-        meta = json.loads(fit_study_lib.sidecar_path(paths[name]).read_text())
+        meta = json.loads(bids.derivatives.sidecar_path(paths[name]).read_text())
         assert isinstance(meta["Units"], str)
         assert meta["Sources"][0] == "bids:raw:sub-01/pet/sub-01_pet.nii.gz"
     ki = np.asarray(nib.load(paths["Ki"]).dataobj)

@@ -22,7 +22,6 @@ Every map is 0 outside the mask. `<prefix>` is the scan's entities (the image na
 `_pet.nii.gz`).
 """
 
-import importlib.metadata
 import json
 import pathlib
 import time
@@ -35,7 +34,7 @@ import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids
 from kinetix.data.bids import derivatives as der
-from kinetix.data.bids.write import check_outputs_free
+from kinetix.data.bids.write import check_command_outputs
 from kinetix.inference import late
 from kinetix.inference.patlak import DEFAULT_MASK_RULE, DEFAULT_MASK_THRESHOLD, output_stem
 
@@ -78,7 +77,7 @@ def output_paths(
     """{name: path} of every map `fit_study` writes in the derivative dataset `out_dir`
     (docs/bids.md): `<prefix>_km-<model>_<param>.nii.gz`, `..._desc-stderr_<param>`,
     `_km-<model>_Ki`, `_wrss`, `_desc-converged_mask`, `anat/<prefix>_desc-body_mask` and the
-    summary `<prefix>_km-<model>_fit.json`. Each map's sidecar: `sidecar_path(path)`."""
+    summary `<prefix>_km-<model>_fit.json`. Each map's sidecar: `derivatives.sidecar_path(path)`."""
     prefix = output_stem(pet_path)
     km = der.label(model)
     names = list(kk.PARAM_NAMES) + (["delay"] if fit_delay else [])
@@ -91,11 +90,6 @@ def output_paths(
     paths["mask"] = der.image_path(out_dir, prefix, "mask", desc=MASK_DESC, datatype="anat")
     paths["summary"] = paths["Ki"].with_name(paths["Ki"].name.replace("_Ki.nii.gz", "_fit.json"))
     return paths
-
-
-def sidecar_path(path: pathlib.Path) -> pathlib.Path:
-    """`x.nii.gz` -> `x.json`."""
-    return der.sidecar_path(path)
 
 
 def fit_maps(
@@ -212,13 +206,6 @@ def _warnings(result: dict, mask: np.ndarray, model: str, fit_delay: bool, ki_na
     return found
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("kinetix")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def fit_study(
     pet,
     out,
@@ -271,12 +258,7 @@ def fit_study(
         raise ValueError(f"--mask_rule must be one of {maps.MASK_RULES}, got {mask_rule!r}.")
     window = parse_window(window)
     paths = output_paths(pet, out, fit_delay, model)
-    sidecars = [sidecar_path(p) for p in paths.values() if p.suffix == ".gz"]
-    check_outputs_free(
-        [*paths.values(), *sidecars, *late.idif_paths(pet, out, idif_mask)], overwrite
-    )
-    der.check_output_root(out)
-    bids.check_writable_dir(out, "output directory (--out)")
+    check_command_outputs(out, [*paths.values(), *late.idif_paths(pet, out, idif_mask)], overwrite)
     t0 = time.perf_counter()
     study, input_used, idif_result = late.read_study(
         pet,
@@ -342,7 +324,7 @@ def fit_study(
         "Conventions": "docs/conventions.md, 'Voxelwise 2TCM fitting'",
         "Warnings": warnings,
         "SoftwareName": "kinetix",
-        "SoftwareVersion": _version(),
+        "SoftwareVersion": der.kinetix_version(),
     }
     paths["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     logging.info(

@@ -222,7 +222,7 @@ def idif_paths(pet, out_dir, idif_mask=True) -> list[pathlib.Path]:
 def write_idif_blood(idif_result, study, out_dir, overwrite: bool = False) -> list[pathlib.Path]:
     """Writes the IDIF as `idif_paths(study.pet_path, out_dir)` (TSV + JSON); returns them."""
     path = idif_paths(study.pet_path, out_dir)[0]
-    links = der.open_outputs(out_dir, "kinetix (image-derived input)", [study.pet_path])
+    links = der.output_links(out_dir, [study.pet_path])  # the maps' dataset, made first
     return idif.write_blood(
         path,
         idif_result,

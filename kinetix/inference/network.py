@@ -24,7 +24,7 @@ import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids, pipeline
 from kinetix.data.bids import derivatives as der
-from kinetix.data.bids.write import check_outputs_free
+from kinetix.data.bids.write import check_command_outputs, check_outputs_free
 from kinetix.inference import late
 from kinetix.inference.patlak import MODEL, output_stem
 from kinetix.training import checkpoint, rerun
@@ -254,9 +254,10 @@ def output_paths(pet_path, out_dir, with_params: bool = True) -> dict[str, pathl
     return paths
 
 
-def _descriptions(trained_late: str) -> dict[str, tuple[str, str]]:
+def _descriptions() -> dict[str, tuple[str, str]]:
+    """{output key: (Description, Units)} of `write_outputs`' maps."""
     return {
-        "late": (f"Frames {trained_late} predicted by kinetix", "g/mL"),
+        "late": ("Frames after the early frames, predicted by kinetix", "g/mL"),
         "ki": ("Patlak Ki of kinetix.predict: measured frames from t* to the last early frame "
                "followed by the predicted late frames", _UNITS["Ki"]),
         "ki_pred_only": ("Patlak Ki on the predicted frames only", _UNITS["Ki"]),
@@ -283,7 +284,7 @@ def write_outputs(result, study, out_dir, overwrite=False, *, sidecar: dict | No
     if result["params"] is not None:
         arrays |= {n: result["params"][..., i] for i, n in enumerate(PARAMS)}
     start, end = result.get("late_start"), result.get("late_end")
-    texts = _descriptions("after the early frames")
+    texts = _descriptions()
     written = []
     for key, data in arrays.items():
         text, units = texts[key]
@@ -363,12 +364,9 @@ def predict_to_dir(
     """
     if isinstance(batch_slices, bool) or not isinstance(batch_slices, int) or batch_slices < 1:
         raise ValueError(f"--batch_slices must be a positive integer, got {batch_slices!r}.")
-    out = bids.check_writable_dir(out, "output directory (--out)")
-    der.check_output_root(out)
     paths = output_paths(pet, out)  # named after the scan's file: known before reading it
-    sidecars = map(der.sidecar_path, paths.values())
-    check_outputs_free(
-        [*paths.values(), *sidecars, *late.idif_paths(pet, out, idif_mask)], overwrite
+    out = check_command_outputs(
+        out, [*paths.values(), *late.idif_paths(pet, out, idif_mask)], overwrite
     )
     config = load_config(workdir)
     trained = trained_schedule(workdir)

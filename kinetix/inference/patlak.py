@@ -15,7 +15,6 @@ or inputs outside the plausible FDG ranges, docs/conventions.md, "Plausibility c
 
 import concurrent.futures
 import glob
-import importlib.metadata
 import json
 import pathlib
 import time
@@ -28,7 +27,7 @@ import kinetix.kinetics as kk
 from kinetix import maps
 from kinetix.data import bids
 from kinetix.data.bids import derivatives as der
-from kinetix.data.bids.write import check_outputs_free
+from kinetix.data.bids.write import check_command_outputs
 from kinetix.inference import late
 
 DEFAULT_MASK_THRESHOLD = 0.02
@@ -137,13 +136,6 @@ def output_paths(pet_path, out_dir) -> dict[str, pathlib.Path]:
     }
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("kinetix")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _warm_up(pet, blood, t_star, t_end, method: str, chunk_voxels: int) -> None:
     """Best effort: compiles the chunk fit while `run` reads (decompresses) the image.
 
@@ -249,7 +241,7 @@ def patlak_sidecar(
         },
         "Warnings": list(warnings),
         "SoftwareName": "kinetix",
-        "SoftwareVersion": _version(),
+        "SoftwareVersion": der.kinetix_version(),
     }
 
 
@@ -345,9 +337,7 @@ def patlak_study(
     """
     _check_study_args(method, mask_threshold)
     paths = output_paths(pet, out)
-    check_outputs_free([*paths.values(), *late.idif_paths(pet, out, idif_mask)], overwrite)
-    der.check_output_root(out)
-    bids.check_writable_dir(out, "output directory (--out)")
+    check_command_outputs(out, [*paths.values(), *late.idif_paths(pet, out, idif_mask)], overwrite)
     t0 = time.perf_counter()
     population = late.load_population(late_input, population)
     plain = idif_mask is None and late_input == "measured"  # the blood file's samples as read

@@ -46,7 +46,8 @@ _LABEL = re.compile(r"[A-Za-z0-9]+")
 _SUFFIX = re.compile(r"[A-Za-z0-9]+")
 
 
-def _version() -> str:
+def kinetix_version() -> str:
+    """The installed kinetix's version ("unknown" when running from an uninstalled tree)."""
     try:
         return importlib.metadata.version("kinetix")
     except importlib.metadata.PackageNotFoundError:
@@ -68,7 +69,7 @@ def code_url() -> str | None:
 
 def generated_by(description: str) -> list[dict]:
     """`GeneratedBy` of a kinetix derivative: name, version, code URL (when known), what ran."""
-    entry = {"Name": "kinetix", "Version": _version(), "Description": description}
+    entry = {"Name": "kinetix", "Version": kinetix_version(), "Description": description}
     url = code_url()
     if url:
         entry["CodeURL"] = url
@@ -198,6 +199,11 @@ def _relative_uri(target: pathlib.Path, start: pathlib.Path) -> str:
     return pathlib.Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
 
 
+def _link_uris(out_root, links) -> dict[str, str]:
+    """{name: the linked dataset's path relative to `out_root`} for `DatasetLinks`."""
+    return {k: _relative_uri(pathlib.Path(v), pathlib.Path(out_root)) for k, v in links.items()}
+
+
 def description_json(out_root, name: str, what: str, links, authors=()) -> dict:
     """The `dataset_description.json` of a kinetix derivative under `out_root`."""
     out = {
@@ -209,7 +215,7 @@ def description_json(out_root, name: str, what: str, links, authors=()) -> dict:
     if authors:
         out["Authors"] = list(authors)
     if links:
-        uris = {k: _relative_uri(pathlib.Path(v), pathlib.Path(out_root)) for k, v in links.items()}
+        uris = _link_uris(out_root, links)
         out["SourceDatasets"] = [{"URL": f"bids:{k}"} for k in uris]
         out["DatasetLinks"] = uris
     return out
@@ -219,7 +225,7 @@ def _merge_links(existing: dict, out_root, links) -> dict:
     """`existing` description with `links` added; a link name pointing elsewhere is refused."""
     if not links:
         return existing
-    new = description_json(out_root, existing.get("Name", ""), "", links)["DatasetLinks"]
+    new = _link_uris(out_root, links)
     have = dict(existing.get("DatasetLinks", {}))
     for key, uri in new.items():
         if key in have and have[key] != uri:
@@ -353,15 +359,21 @@ def open_outputs(out_root, command: str, sources: Iterable) -> dict[str, pathlib
       The links for `map_sidecar` / `bids_uri`: {"": `out_root`, "raw": the source dataset}
       ("raw" absent for files outside a BIDS dataset).
     """
-    links = source_links(sources)
+    links = output_links(out_root, sources)
     init_derivative(
         out_root,
         name="kinetix outputs",
         what=f"python -m {command}",
         readme=OUTPUT_README,
-        links=links,
+        links={k: v for k, v in links.items() if k},
     )
-    return {"": pathlib.Path(out_root), **links}
+    return links
+
+
+def output_links(out_root, sources: Iterable) -> dict[str, pathlib.Path]:
+    """The links `open_outputs` returns, without writing anything (for files added to an
+    output dataset that `open_outputs` has made)."""
+    return {"": pathlib.Path(out_root), **source_links(sources)}
 
 
 def blood_path(root, prefix: str, recording: str) -> pathlib.Path:

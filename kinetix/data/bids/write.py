@@ -7,7 +7,6 @@ names from `kinetix.data.bids`.
 """
 
 import glob
-import importlib.metadata
 import json
 import math
 import os
@@ -19,7 +18,12 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from kinetix.data.bids.derivatives import BIDS_VERSION, generated_by
+from kinetix.data.bids.derivatives import (
+    BIDS_VERSION,
+    check_output_root,
+    generated_by,
+    sidecar_path,
+)
 from kinetix.data.bids.study import Study, _is_number, load_nifti
 from kinetix.kinetics.frames import FrameSchedule
 
@@ -98,6 +102,24 @@ def check_outputs_free(paths, overwrite: bool, flag: str = "--overwrite") -> Non
             raise FileExistsError(f"{path} already exists; pass {flag} to replace it.")
 
 
+def check_command_outputs(out_root, files, overwrite: bool) -> pathlib.Path:
+    """What a command checks of its `--out` before reading its input: none of `files` (nor the
+    JSON sidecar of each NIfTI among them) exists unless `overwrite`, `out_root` holds no raw
+    BIDS dataset (`derivatives.check_output_root`) and it can be written (`check_writable_dir`).
+
+    Returns:
+      `out_root` as a path.
+
+    Raises:
+      FileExistsError, ValueError, OSError: one sentence naming the file or directory.
+    """
+    files = list(files)
+    sidecars = [sidecar_path(p) for p in files if p.name.endswith((".nii.gz", ".nii"))]
+    check_outputs_free(list(dict.fromkeys([*files, *sidecars])), overwrite)
+    check_output_root(out_root)
+    return check_writable_dir(out_root, "output directory (--out)")
+
+
 def _check_free(paths: Sequence[pathlib.Path], overwrite: bool) -> None:
     check_outputs_free(paths, overwrite, "overwrite=True")
 
@@ -164,13 +186,6 @@ def _check_affine(affine) -> np.ndarray:
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"affine must be a finite [4, 4] array, got shape {affine.shape}.")
     return affine
-
-
-def _kinetix_version() -> str:
-    try:
-        return importlib.metadata.version("kinetix")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _check_frames(frames_bqml, schedule: FrameSchedule) -> np.ndarray:
